@@ -1,0 +1,213 @@
+"""Training configuration: a TOML file -> `TrainConfig` (plain dataclasses, validated, unknown keys rejected).
+
+Layout (see docs/training.md for every field):
+
+    [model]      preset = "tiny" | checkpoint = "PATH";  [model.text] / [model.vision] / image_size overrides
+    [tokenizer]  vocab_size, samples          (from-preset runs train a byte-level BPE on the data's text first)
+    [data]       kind = "synthetic", seed, eval_seed, num_workers
+    [tasks]      task name = weight lambda_t  (loss = sum_t lambda_t L_t, see `fiore.train.mixture`)
+    [optim]      lr, weight_decay, betas, warmup_steps, steps, min_lr_ratio, batch_size, grad_accum, clip
+    [train]      out_dir, seed, tasks_per_image, max_target_tokens, checkpoint_every, keep_checkpoints,
+                 eval_every, eval_samples, log_every, freeze, precision, gradient_checkpointing
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used; the message names the offending key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "tiny"
+    checkpoint: str | None = None  # fine-tune from a fiore checkpoint dir instead of a preset
+    text: dict[str, Any] = field(default_factory=dict)  # TextConfig field overrides
+    vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig field overrides
+    image_size: tuple[int, int] | None = None  # (height, width) override
+
+
+@dataclass
+class TokenizerSection:
+    vocab_size: int = 3000  # incl. the 1000 <loc_k> tokens and the Florence special tokens
+    samples: int = 2000  # synthetic samples whose prompts + targets train the BPE
+
+
+@dataclass
+class DataSection:
+    kind: str = "synthetic"
+    seed: int = 0  # training stream: sample i = make_sample(seed, i)
+    eval_seed: int = 1  # held-out stream, never seen in training
+    num_workers: int = 0  # DataLoader worker processes building batches (0 = main process)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    steps: int = 1000  # optimizer steps; the cosine ends here
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    batch_size: int = 16  # images per optimizer step, over all processes and accumulation micro-steps
+    grad_accum: int = 1
+    clip: float = 1.0  # max global grad norm; 0 = no clipping
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = "runs/train"
+    seed: int = 0  # model init, dropout
+    tasks_per_image: int = 4  # K rows (task examples) per encoded image, sharing its vision encoding
+    max_target_tokens: int = 256  # longer targets are truncated (no </s> then)
+    max_prompt_tokens: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # older step_N dirs are deleted
+    eval_every: int = 0  # 0 = only at the end; < 0 = never
+    eval_samples: int = 32  # held-out images for the eval runner and the held-out loss
+    eval_tasks: list[str] | None = None  # default: every training task
+    log_every: int = 10
+    freeze: list[str] = field(default_factory=list)  # part names ("vision_tower", "encoder", ...) or param prefixes
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    gradient_checkpointing: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        tasks = d.pop("tasks", None)
+        sections = {name: _section(kind, d.get(name, {}), name) for name, kind in _SECTIONS.items()}
+        config = cls(**sections) if tasks is None else cls(tasks=_tasks(tasks), **sections)
+        config.validate()
+        return config
+
+    def replace(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted-key overrides applied, e.g. {"optim.steps": 50, "train.out_dir": "x"}."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            *path, last = key.split(".")
+            node = d
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"override {key!r}: {part!r} is not a config section")
+                node = node[part]
+            if not path and last != "tasks":
+                raise ConfigError(f"override {key!r} must name a field as section.field")
+            node[last] = value
+        return TrainConfig.from_dict(d)
+
+    def validate(self) -> None:
+        m, o, t = self.model, self.optim, self.train
+        if (m.preset is None) == (m.checkpoint is None):
+            raise ConfigError("[model] needs exactly one of `preset` or `checkpoint`")
+        if self.data.kind != "synthetic":
+            raise ConfigError(f"[data] kind {self.data.kind!r} is not supported (only 'synthetic')")
+        if not self.tasks:
+            raise ConfigError("[tasks] is empty: name at least one task with a weight")
+        for name, w in self.tasks.items():
+            if not w > 0:
+                raise ConfigError(f"[tasks] weight of {name!r} must be > 0, got {w}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(o, name) < 1:
+                raise ConfigError(f"[optim] {name} must be >= 1, got {getattr(o, name)}")
+        if o.batch_size % o.grad_accum:
+            raise ConfigError(f"[optim] batch_size {o.batch_size} is not divisible by grad_accum {o.grad_accum}")
+        if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0:
+            raise ConfigError("[optim] needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if t.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"[train] precision must be 'fp32' or 'bf16', got {t.precision!r}")
+        if t.tasks_per_image < 1 or t.max_target_tokens < 1 or t.checkpoint_every < 1 or t.log_every < 1:
+            raise ConfigError("[train] tasks_per_image, max_target_tokens, checkpoint_every, log_every must be >= 1")
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "tokenizer": TokenizerSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+}
+
+
+def _section(kind, values: dict, name: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(fields)}")
+    out = {}
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        if key == "image_size" and value is not None:
+            value = tuple(value)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"[{name}] {key} must be true/false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if value != int(value):
+                raise ConfigError(f"[{name}] {key} must be an integer, got {value!r}")
+            value = int(value)
+        out[key] = value
+    return kind(**out)
+
+
+def _tasks(values) -> dict[str, float]:
+    if not isinstance(values, dict):
+        raise ConfigError("[tasks] must be a table of task name = weight")
+    out = {}
+    for name, w in values.items():
+        if isinstance(w, bool) or not isinstance(w, int | float):
+            raise ConfigError(f"[tasks] weight of {name!r} must be a number, got {w!r}")
+        out[name] = float(w)
+    return out
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML training config; `overrides` are dotted keys (`optim.steps`) applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    config = TrainConfig.from_dict(d)
+    return config.replace(overrides) if overrides else config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"optim.steps=50"` -> ("optim.steps", 50); the value is parsed as a TOML value, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

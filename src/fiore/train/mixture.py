@@ -1,0 +1,238 @@
+"""Task mixture: Samples -> training rows -> padded micro-batches, and the multi-task loss.
+
+One image carries several rows. Each image of a micro-batch is encoded once by the vision tower; its K rows (one per
+sampled task) index into those features, so a step costs B vision encodings for B*K (prompt, target) rows.
+
+Row layout (Florence-2 generation emits `</s><s> ... </s>`: decoder start 2, then `<s>` 0, tokens, `</s>` 2):
+
+    input_ids          = <s> prompt </s>                (as `Processor.prompt_ids` builds it for inference)
+    labels             = <s> target </s>                (target truncated to max_target_tokens; then no </s>)
+    decoder_input_ids  = decoder_start, labels[:-1]     (labels shifted right)
+
+Loss normalisation (one micro-batch): L_t = mean token cross-entropy over all label tokens of the rows of task t;
+L = sum_{t in batch} lambda_t L_t / sum_{t in batch} lambda_t. Tasks absent from a micro-batch drop out of both sums,
+so the loss scale does not depend on which tasks a batch happened to draw. Tasks are also *drawn* in proportion to
+lambda_t, so a heavy task gets both more rows (lower-variance L_t) and more weight.
+
+Everything a row depends on is a function of (seed, sample index): resuming at a step replays the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Row:
+    """One (prompt, target) pair of one image; ids without padding."""
+
+    task: int  # index into Mixture.names
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch. B images, R rows (R >= B when several tasks share an image)."""
+
+    pixel_values: torch.Tensor  # (B, 3, H, W) float32
+    image_index: torch.Tensor  # (R,) long: the image of each row
+    input_ids: torch.Tensor  # (R, Tp) long, right-padded with pad id
+    attention_mask: torch.Tensor  # (R, Tp) bool, True = real token
+    decoder_input_ids: torch.Tensor  # (R, Td) long, right-padded with pad id
+    labels: torch.Tensor  # (R, Td) long, IGNORE_INDEX on padding
+    task_index: torch.Tensor  # (R,) long
+
+    def to(self, device) -> Batch:
+        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
+    @property
+    def num_rows(self) -> int:
+        return self.image_index.numel()
+
+
+class Mixture:
+    """Weighted tasks and how one Sample becomes rows.
+
+    `tasks`: name -> weight lambda_t. `tokenizer` needs `.encode`, `.bos_id`, `.eos_id`, `.pad_id`;
+    `task_lookup(name)` returns a Task with `.examples(sample)`, `.prompt(text, region, image_size)`,
+    `.serialize(result, image_size)` (fiore.tasks contract).
+    """
+
+    def __init__(
+        self,
+        tasks: dict[str, float],
+        tokenizer,
+        tasks_per_image: int = 4,
+        max_target_tokens: int = 256,
+        max_prompt_tokens: int = 64,
+        decoder_start_id: int = 2,
+        task_lookup: Callable | None = None,
+    ):
+        if task_lookup is None:
+            from fiore.tasks import get as task_lookup
+        self.names = list(tasks)
+        self.weights = [float(tasks[n]) for n in self.names]
+        self.tasks = []
+        for name in self.names:
+            try:
+                self.tasks.append(task_lookup(name))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"unknown task {name!r} in the training mixture: {e}") from None
+        self.tokenizer = tokenizer
+        self.tasks_per_image = tasks_per_image
+        self.max_target_tokens = max_target_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.decoder_start_id = decoder_start_id
+
+    def rows(self, sample, rng: random.Random) -> list[Row]:
+        """Up to K rows for one sample: K distinct tasks drawn by weight among those with examples for it."""
+        candidates = []  # (key, task position, examples); Efraimidis-Spirakis keys u^(1/w) = weighted draw w/o repl.
+        for i, (task, w) in enumerate(zip(self.tasks, self.weights, strict=True)):
+            examples = task.examples(sample)
+            if examples:
+                candidates.append((math.log(1.0 - rng.random()) / w, i, examples))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        rows = []
+        for _, i, examples in candidates[: self.tasks_per_image]:
+            example = examples[rng.randrange(len(examples))]
+            rows.append(self.row(i, example, sample.size))
+        return rows
+
+    def row(self, task_pos: int, example, image_size) -> Row:
+        task = self.tasks[task_pos]
+        tok = self.tokenizer
+        prompt = task.prompt(text=example.text, region=example.region, image_size=image_size)
+        prompt_ids = tok.encode(prompt)[: self.max_prompt_tokens]
+        target_ids = tok.encode(task.serialize(example.target, image_size))
+        labels = [tok.bos_id, *target_ids, tok.eos_id][: self.max_target_tokens]
+        return Row(task=task_pos, input_ids=[tok.bos_id, *prompt_ids, tok.eos_id], labels=labels)
+
+    def texts(self, sample) -> list[str]:
+        """Every prompt and target string this mixture's tasks draw from `sample` (tokenizer training text)."""
+        out = []
+        for task in self.tasks:
+            for ex in task.examples(sample):
+                out.append(task.prompt(text=ex.text, region=ex.region, image_size=sample.size))
+                out.append(task.serialize(ex.target, sample.size))
+        return out
+
+
+def collate(pixel_values: torch.Tensor, rows_per_image: Sequence[list[Row]], pad_id: int, decoder_start_id: int):
+    """Pad rows into a Batch. pixel_values (B,3,H,W); rows_per_image[b] are image b's rows."""
+    rows = [(b, r) for b, rs in enumerate(rows_per_image) for r in rs]
+    if not rows:
+        raise ValueError("no task in the mixture has examples for any image of this batch")
+    R = len(rows)
+    Tp = max(len(r.input_ids) for _, r in rows)
+    Td = max(len(r.labels) for _, r in rows)
+    input_ids = torch.full((R, Tp), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((R, Tp), dtype=torch.bool)
+    decoder_input_ids = torch.full((R, Td), pad_id, dtype=torch.long)
+    labels = torch.full((R, Td), IGNORE_INDEX, dtype=torch.long)
+    for i, (_, r) in enumerate(rows):
+        n, m = len(r.input_ids), len(r.labels)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        attention_mask[i, :n] = True
+        labels[i, :m] = torch.tensor(r.labels)
+        decoder_input_ids[i, :m] = torch.tensor([decoder_start_id, *r.labels[:-1]])
+    return Batch(
+        pixel_values=pixel_values,
+        image_index=torch.tensor([b for b, _ in rows], dtype=torch.long),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        labels=labels,
+        task_index=torch.tensor([r.task for _, r in rows], dtype=torch.long),
+    )
+
+
+def task_losses(logits: torch.Tensor, labels: torch.Tensor, task_index: torch.Tensor, num_tasks: int):
+    """Per-task mean token CE. logits (R,T,V), labels (R,T), task_index (R,) -> (loss_sum (K,), tokens (K,))."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    valid = (labels != IGNORE_INDEX).float()  # (R,T)
+    row_sum = ce.view_as(labels.float()).mul(valid).sum(1)  # (R,)
+    loss_sum = torch.zeros(num_tasks, dtype=row_sum.dtype, device=row_sum.device).index_add_(0, task_index, row_sum)
+    tokens = torch.zeros(num_tasks, dtype=row_sum.dtype, device=row_sum.device).index_add_(0, task_index, valid.sum(1))
+    return loss_sum, tokens
+
+
+def combine(loss_sum: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L = sum_t w_t L_t / sum_t w_t over the tasks present (tokens > 0), L_t = loss_sum_t / tokens_t."""
+    present = tokens > 0
+    per_task = loss_sum / tokens.clamp_min(1)
+    w = weights.to(per_task) * present
+    return (w * per_task).sum() / w.sum().clamp_min(1e-12)
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Item k = micro-batch k of one process, built deterministically from sample indices.
+
+    Global micro-batch m of process `rank` holds samples (m * world_size + rank) * B + j, j < B. With
+    m = step * grad_accum + a, the data position of a run is its step: resuming there replays the same batches.
+    """
+
+    def __init__(
+        self,
+        mixture: Mixture,
+        make_sample: Callable,
+        pixel_values: Callable,
+        seed: int,
+        images_per_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.mixture = mixture
+        self.make_sample = make_sample  # (seed, index) -> Sample
+        self.pixel_values = pixel_values  # list[PIL] -> (B,3,H,W)
+        self.seed = seed
+        self.B = images_per_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return 2**62 // max(1, self.B * self.world_size)
+
+    def indices(self, k: int) -> list[int]:
+        start = (k * self.world_size + self.rank) * self.B
+        return list(range(start, start + self.B))
+
+    def __getitem__(self, k: int) -> Batch:
+        samples = [self.make_sample(self.seed, i) for i in self.indices(k)]
+        rows = [self.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}")) for s, i in zip(
+            samples, self.indices(k), strict=True)]
+        pixels = self.pixel_values([s.load_image() for s in samples])
+        tok = self.mixture.tokenizer
+        return collate(pixels, rows, tok.pad_id, self.mixture.decoder_start_id)
+
+
+def loader(dataset: MixtureDataset, start: int, num_workers: int = 0):
+    """Iterate micro-batches start, start+1, ... (a DataLoader when num_workers > 0, prefetching in the background)."""
+    sampler = range(start, len(dataset))
+    if num_workers <= 0:
+        return (dataset[k] for k in sampler)
+    # A private generator: creating the iterator must not consume the global RNG (exact resume).
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=num_workers,
+            prefetch_factor=4,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_worker_init,
+        )
+    )
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the worker builds data; leave the cores' BLAS threads to the training process
