@@ -1,6 +1,7 @@
 """fiore: a Florence-2-style vision foundation model — one encoder-decoder for every vision task."""
 
+from fiore import tasks
 from fiore.config import ModelConfig, TextConfig, VisionConfig, preset
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "preset"]
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "preset", "tasks"]
 __version__ = "0.1.0"

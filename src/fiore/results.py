@@ -1,0 +1,155 @@
+"""Typed task results. Coordinates are float pixels in the ORIGINAL image; boxes are [x1, y1, x2, y2].
+
+Every result has `to_florence()`, the dict shape of the official `post_process_generation(text, task, image_size)`
+for its task (`{"<OD>": {"bboxes": ..., "labels": ...}}`), for interop. Deliberate deviations from transformers'
+native processor: coordinates are floats (native truncates to int) and labels keep non-ASCII characters (native
+drops them for boxes and grounding). `scores` appears in `to_florence()` only when scores were computed, as in
+Microsoft's original processor.
+
+Common fields: `task` (task name, e.g. "od"), `truncated` (generation hit max_new_tokens; set by the engine),
+`score` (sequence score, exp of the mean token log-prob; None without log-probs), `warnings` (what the parser
+could not read: a partial result is returned instead of raising).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any
+
+
+def _token(task: str) -> str:
+    if not task:
+        raise ValueError("this result has no task name set; to_florence() needs it to build the task key")
+    return task if task.startswith("<") else f"<{task.upper()}>"
+
+
+@dataclass
+class Result:
+    _: KW_ONLY
+    task: str = ""
+    truncated: bool = False
+    score: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_florence(self) -> dict[str, Any]:
+        return {_token(self.task): self._florence_value()}
+
+    def _florence_value(self) -> Any:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict: {"type": class name, field: value, ...}."""
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+
+@dataclass
+class Text(Result):
+    """Free text (captions, OCR, region descriptions, VQA answers). `raw` is the official pure-text string when it
+    differs from `text` (e.g. region tasks echo loc tokens, which `text` drops)."""
+
+    text: str
+    raw: str | None = None
+
+    def _florence_value(self) -> str:
+        return self.text if self.raw is None else self.raw
+
+
+@dataclass
+class Label(Result):
+    """One label (image classification, region-to-category)."""
+
+    label: str
+    raw: str | None = None
+
+    def _florence_value(self) -> str:
+        return self.label if self.raw is None else self.raw
+
+
+@dataclass
+class Boxes(Result):
+    """N boxes: `boxes` (N, 4) float xyxy, `labels` (N,) ("" for region proposals), `scores` (N,) or None."""
+
+    boxes: list[list[float]]
+    labels: list[str]
+    scores: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def _florence_value(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bboxes": [list(b) for b in self.boxes], "labels": list(self.labels)}
+        if self.scores is not None:
+            out["scores"] = list(self.scores)
+        return out
+
+
+@dataclass
+class Phrases(Result):
+    """Phrase grounding: phrase i names `boxes[i]`, a list of xyxy boxes; `scores` per phrase or None."""
+
+    phrases: list[str]
+    boxes: list[list[list[float]]]
+    scores: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+    def _florence_value(self) -> dict[str, Any]:
+        # The official shape repeats the phrase once per box.
+        bboxes = [list(b) for group in self.boxes for b in group]
+        labels = [p for p, group in zip(self.phrases, self.boxes, strict=True) for _ in group]
+        return {"bboxes": bboxes, "labels": labels}
+
+
+@dataclass
+class Polygons(Result):
+    """Instance masks as polygons: `polygons[i]` is a list of flat rings [x1, y1, x2, y2, ...] (several rings per
+    instance), `labels[i]` ("" when the task has none), `scores[i]` or None."""
+
+    polygons: list[list[list[float]]]
+    labels: list[str]
+    scores: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    def _florence_value(self) -> dict[str, Any]:
+        return {"polygons": [[list(r) for r in inst] for inst in self.polygons], "labels": list(self.labels)}
+
+
+@dataclass
+class Quads(Result):
+    """OCR with regions: `quads` (N, 8) float [x1, y1, ..., x4, y4], `labels` the N texts, `scores` or None."""
+
+    quads: list[list[float]]
+    labels: list[str]
+    scores: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.quads)
+
+    def _florence_value(self) -> dict[str, Any]:
+        return {"quad_boxes": [list(q) for q in self.quads], "labels": list(self.labels)}
+
+
+@dataclass
+class Mixed(Result):
+    """Open-vocabulary detection: boxes and/or polygons (the model chooses per output)."""
+
+    boxes: Boxes = field(default_factory=lambda: Boxes([], []))
+    polygons: Polygons = field(default_factory=lambda: Polygons([], []))
+
+    def __len__(self) -> int:
+        return len(self.boxes) + len(self.polygons)
+
+    def _florence_value(self) -> dict[str, Any]:
+        return {
+            "bboxes": [list(b) for b in self.boxes.boxes],
+            "bboxes_labels": list(self.boxes.labels),
+            "polygons": [[list(r) for r in inst] for inst in self.polygons.polygons],
+            "polygons_labels": list(self.polygons.labels),
+        }
+
+
+__all__ = ["Boxes", "Label", "Mixed", "Phrases", "Polygons", "Quads", "Result", "Text"]

@@ -1,0 +1,132 @@
+"""`Task`: one object per task holding its prompt, its target serializer and its output parser."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from fiore.results import Result
+from fiore.tasks import parsers
+from fiore.tasks.locations import LOC_RE, box_to_tokens, check_image_size
+
+if TYPE_CHECKING:
+    from fiore.data.sample import Sample
+
+Inputs = Literal["none", "text", "region"]
+MAX_TEXT_CHARS = 1000  # a cheap guard here; the processor enforces the real limit in tokens
+
+
+class TaskInputError(ValueError):
+    """A task was given the wrong inputs (missing text/region, too long, malformed region)."""
+
+
+@dataclass
+class Example:
+    """One (inputs, ground truth) pair a task draws from a Sample: used by training and evaluation alike."""
+
+    text: str | None = None
+    region: tuple[float, float, float, float] | None = None  # xyxy pixels
+    target: Result | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A Florence-2 task.
+
+    name:            snake case of the token ("od" for "<OD>")
+    token:           "<OD>"; not a tokenizer token: `prompt()` turns it into prompt text
+    template:        prompt text, with "{input}" where the text or region goes
+    inputs:          "none" | "text" | "region"
+    max_new_tokens:  default generation budget (dense outputs get more)
+    """
+
+    name: str
+    token: str
+    template: str
+    inputs: Inputs
+    max_new_tokens: int
+    description: str
+    _parse: Callable[[parsers.ParseInput, str], Result] = field(repr=False)
+    _serialize: Callable[[Result, tuple[float, float]], str] = field(repr=False)
+    _examples: Callable[[Sample], list[Example]] = field(repr=False)
+    max_text_chars: int = MAX_TEXT_CHARS
+
+    def prompt(self, text: str | None = None, region: Sequence[float] | str | None = None, image_size=None) -> str:
+        """The prompt text for this task.
+
+        text:        required for "text" tasks (caption, expression, class name, question), refused otherwise.
+        region:      required for "region" tasks: [x1, y1, x2, y2] in pixels of an image of `image_size`
+                     (width, height), quantized to 4 loc tokens; or a string of exactly 4 loc tokens.
+        """
+        if self.inputs == "none":
+            if text is not None or region is not None:
+                raise TaskInputError(
+                    f"task {self.token} takes no input; got {'text' if text is not None else 'region'}"
+                )
+            return self.template
+        if self.inputs == "text":
+            if region is not None:
+                raise TaskInputError(f"task {self.token} takes text, not a region")
+            return self.template.format(input=self._check_text(text))
+        if text is not None:
+            raise TaskInputError(f"task {self.token} takes a region, not text")
+        return self.template.format(input=self.region_tokens(region, image_size))
+
+    def _check_text(self, text) -> str:
+        if text is None:
+            raise TaskInputError(f"task {self.token} needs a text input ({self.description})")
+        if not isinstance(text, str):
+            raise TaskInputError(f"task {self.token} needs text as a str, got {type(text).__name__}")
+        text = text.strip()
+        if not text:
+            raise TaskInputError(f"task {self.token} needs a non-empty text input")
+        if len(text) > self.max_text_chars:
+            raise TaskInputError(
+                f"text input for {self.token} is {len(text)} characters; the limit is {self.max_text_chars}"
+            )
+        return text
+
+    def region_tokens(self, region, image_size) -> str:
+        """Validate a region and return its 4 loc tokens."""
+        if region is None:
+            raise TaskInputError(f"task {self.token} needs a region: [x1, y1, x2, y2] in pixels and image_size")
+        if isinstance(region, str):
+            locs = LOC_RE.findall(region)
+            if len(locs) != 4 or LOC_RE.sub("", region).strip():
+                raise TaskInputError(f"a region string must be exactly 4 <loc_k> tokens, got {region!r}")
+            if any(int(k) > 999 for k in locs):
+                raise TaskInputError(f"location tokens go from <loc_0> to <loc_999>, got {region!r}")
+            return "".join(f"<loc_{int(k)}>" for k in locs)
+        if image_size is None:
+            raise TaskInputError(f"task {self.token}: a region in pixels needs image_size=(width, height)")
+        try:
+            width, height = check_image_size(image_size)
+        except ValueError as e:
+            raise TaskInputError(str(e)) from None
+        try:
+            x1, y1, x2, y2 = (float(v) for v in region)
+        except (TypeError, ValueError):
+            raise TaskInputError(f"a region is [x1, y1, x2, y2] in pixels, got {region!r}") from None
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            raise TaskInputError(f"region coordinates must be finite, got {region!r}")
+        if x2 < x1 or y2 < y1:
+            raise TaskInputError(f"region must have x1 <= x2 and y1 <= y2, got {region!r}")
+        if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
+            raise TaskInputError(f"region {region!r} lies outside the {width:g}x{height:g} image")
+        return box_to_tokens((x1, y1, x2, y2), (width, height))
+
+    def serialize(self, result: Result, image_size) -> str:
+        """Training target for `result` (no `<s>`/`</s>`); coordinates quantized against `image_size`."""
+        return self._serialize(result, image_size)
+
+    def parse(self, text: str, image_size, token_logprobs=None, score_mode: str = "loc") -> Result:
+        """Raw decoded text (specials included, e.g. "</s><s>car<loc_1>...</s>") -> typed Result. Never raises on
+        model output; see `fiore.tasks.parsers` for the score definitions."""
+        p = parsers.make_input(text, image_size, token_logprobs, score_mode)
+        return self._parse(p, self.name)
+
+    def examples(self, sample: Sample) -> list[Example]:
+        """The (inputs, ground truth) pairs this task draws from `sample` (may be empty)."""
+        return self._examples(sample)
