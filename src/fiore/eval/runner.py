@@ -1,0 +1,306 @@
+"""Task-aware evaluation: samples -> examples (`Task.examples`) -> predictions through the generation engine ->
+per-task metrics (`fiore.eval.scorers`) -> `Report`.
+
+Engine use: input-less tasks of one image go through one `florence.run(images, [task names])` call, so each image
+is encoded once for all of them; tasks with inputs go through `florence.predict(images, task, text=..., region=...)`
+in batches of `batch_size`. A failure is isolated by retrying the batch one item at a time, then counted as an
+error of that task (with its message) and never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fiore.eval.report import Report, TaskReport
+from fiore.eval.scorers import Scorer, scorer_for
+
+
+def _resolve_tasks(tasks: Iterable[Any] | str | None) -> list[Any]:
+    """Task objects from names ("od,caption" / ["od", ...]) or Task objects; None = the whole catalogue."""
+    import fiore.tasks
+
+    if tasks is None:
+        return list(fiore.tasks.all())
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t.strip()]
+    out = [fiore.tasks.get(t.strip()) if isinstance(t, str) else t for t in tasks]
+    if not out:
+        raise ValueError("no tasks given to evaluate")
+    return out
+
+
+def _to_json(x: Any) -> Any:
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    if hasattr(x, "to_json"):
+        return x.to_json()
+    if dataclasses.is_dataclass(x):
+        return {"type": type(x).__name__, **dataclasses.asdict(x)}
+    return repr(x)
+
+
+def _message(where: str, sample, e: BaseException) -> str:
+    return f"image {sample.image_id!r}: {where}: {type(e).__name__}: {e}"
+
+
+class _TaskRun:
+    """State of one task during an evaluation: its scorer, report counters and prediction records."""
+
+    def __init__(self, task, java: bool):
+        self.task = task
+        self.report = TaskReport(task=task.name)
+        self.scorer: Scorer | None = None
+        self.java = java
+
+    def scorer_for(self, target) -> Scorer:
+        if self.scorer is None:
+            self.scorer = scorer_for(self.task.name, target)(java=self.java)
+            self.report.headline = self.scorer.headline
+        return self.scorer
+
+    def finish(self) -> TaskReport:
+        if self.scorer is not None and self.scorer.n:
+            try:
+                self.report.metrics = self.scorer.compute()
+            except Exception as e:  # a metric failure must show in the report, not abort the others
+                self.report.add_error(f"metric computation: {type(e).__name__}: {e}")
+        return self.report
+
+
+def _engine_run(florence, images: list, task_names: list[str]) -> list[dict[str, Any]]:
+    """florence.run over a list of images -> one {task name: Result} dict per image."""
+    out = florence.run(images, task_names)
+    if isinstance(out, dict):  # a single-image engine answer
+        out = [out]
+    if len(out) != len(images):
+        raise RuntimeError(f"engine returned {len(out)} results for {len(images)} images")
+    return [dict(o) for o in out]
+
+
+def _engine_predict(florence, task, images: list, texts: list, regions: list) -> list[Any]:
+    kwargs = {}
+    if any(t is not None for t in texts):
+        kwargs["text"] = texts
+    if any(r is not None for r in regions):
+        kwargs["region"] = [list(r) if r is not None else None for r in regions]
+    out = florence.predict(images, task.name, **kwargs)
+    if not isinstance(out, list):
+        out = [out]
+    if len(out) != len(images):
+        raise RuntimeError(f"engine returned {len(out)} results for {len(images)} inputs")
+    return out
+
+
+def _isolating(call, items: list, on_error) -> list:
+    """`call(items)`; if it raises, call it per item and report each failing item to `on_error(item, exc)` (its
+    slot becomes None)."""
+    try:
+        return call(items)
+    except Exception:
+        pass
+    out = []
+    for item in items:
+        try:
+            out.append(call([item])[0])
+        except Exception as e:
+            on_error(item, e)
+            out.append(None)
+    return out
+
+
+def _lookup(results: dict[str, Any], task) -> Any:
+    for key in (task.name, getattr(task, "token", None)):
+        if key is not None and key in results:
+            return results[key]
+    raise KeyError(f"engine result has no entry for task {task.name!r}")
+
+
+def _input_key(example) -> tuple:
+    region = getattr(example, "region", None)
+    return (getattr(example, "text", None), None if region is None else tuple(float(v) for v in region))
+
+
+def evaluate(
+    florence,
+    samples: Sequence[Any],
+    tasks: Iterable[Any] | str | None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    java: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> Report:
+    """Evaluate `florence` on `samples` (fiore.data.Sample) for `tasks` (names, Task objects, or None = all).
+
+    `limit` caps the number of samples; `batch_size` is the number of images (input-less tasks) or prompts (tasks
+    with inputs) per engine call; `java` enables METEOR. Returns the Report (call `.save(path)` to write it).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    task_list = _resolve_tasks(tasks)
+    samples = list(samples)[:limit] if limit is not None else list(samples)
+    runs = {t.name: _TaskRun(t, java) for t in task_list}
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    bar = _progress(progress)
+    with bar:
+        job = bar.add_task("evaluating", total=len(samples))
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            records += _evaluate_chunk(florence, chunk, task_list, runs, batch_size)
+            bar.advance(job, len(chunk))
+
+    info = {"n_samples": len(samples), "tasks": [t.name for t in task_list], "batch_size": batch_size}
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    return Report({n: r.finish() for n, r in runs.items()}, {**(meta or {}), **info}, records)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def _evaluate_chunk(florence, chunk: list, task_list: list, runs: dict[str, _TaskRun], batch_size: int) -> list:
+    """Predict and score every task on a chunk of samples; returns its prediction records."""
+    images: dict[int, Any] = {}
+    work: dict[tuple[int, str], dict[tuple, list]] = {}  # (sample index, task) -> input key -> examples
+    for k, sample in enumerate(chunk):
+        try:
+            images[k] = sample.load_image()
+        except Exception as e:
+            for run in runs.values():
+                run.report.add_error(_message("image could not be loaded", sample, e))
+            continue
+        for task in task_list:
+            report = runs[task.name].report
+            try:
+                examples = list(task.examples(sample))
+            except Exception as e:
+                report.add_error(_message("ground truth could not be turned into examples", sample, e))
+                continue
+            if not examples:
+                report.no_examples += 1
+                continue
+            report.samples += 1
+            groups: dict[tuple, list] = {}
+            for ex in examples:
+                groups.setdefault(_input_key(ex), []).append(ex)
+            work[(k, task.name)] = groups
+
+    predictions: dict[tuple[int, str, tuple], Any] = {}
+    failed: dict[tuple[int, str, tuple], str] = {}
+
+    # Input-less tasks: one engine call per batch of images, every such task at once.
+    plain = [t for t in task_list if getattr(t, "inputs", "none") == "none"]
+    if plain:
+        wanted = [k for k in images if any((k, t.name) in work for t in plain)]
+
+        def on_image_error(k, e):
+            for t in plain:
+                if (k, t.name) in work:
+                    failed[(k, t.name, (None, None))] = _message("model failed", chunk[k], e)
+
+        names = [t.name for t in plain]
+        results = _isolating(lambda ks: _engine_run(florence, [images[k] for k in ks], names), wanted, on_image_error)
+        for k, res in zip(wanted, results, strict=True):
+            if res is None:
+                continue
+            for t in plain:
+                if (k, t.name) not in work:
+                    continue
+                try:
+                    predictions[(k, t.name, (None, None))] = _lookup(res, t)
+                except KeyError as e:
+                    failed[(k, t.name, (None, None))] = _message("model output", chunk[k], e)
+
+    # Tasks with inputs: one prediction per distinct input, batched.
+    for t in task_list:
+        if getattr(t, "inputs", "none") == "none":
+            continue
+        items = [(k, key) for (k, name), groups in work.items() if name == t.name for key in groups]
+
+        def on_item_error(item, e, t=t):
+            failed[(item[0], t.name, item[1])] = _message(f"model failed on input {item[1]!r}", chunk[item[0]], e)
+
+        def call(batch, t=t):
+            imgs = [images[k] for k, _ in batch]
+            return _engine_predict(florence, t, imgs, [key[0] for _, key in batch], [key[1] for _, key in batch])
+
+        for j in range(0, len(items), batch_size):
+            batch = items[j : j + batch_size]
+            for (k, key), res in zip(batch, _isolating(call, batch, on_item_error), strict=True):
+                if res is not None:
+                    predictions[(k, t.name, key)] = res
+
+    return _score(chunk, work, predictions, failed, runs)
+
+
+def _score(chunk, work, predictions, failed, runs) -> list[dict[str, Any]]:
+    records = []
+    for (k, name), groups in work.items():
+        run, sample = runs[name], chunk[k]
+        record = {"image_id": sample.image_id, "task": name, "width": sample.width, "height": sample.height}
+        items = []
+        for key, examples in groups.items():
+            pkey = (k, name, key)
+            if pkey in failed:
+                run.report.add_error(failed[pkey])
+                items += [
+                    {"text": key[0], "region": key[1], "target": _to_json(ex.target), "error": failed[pkey]}
+                    for ex in examples
+                ]
+                continue
+            pred = predictions[pkey]
+            run.report.truncated += bool(getattr(pred, "truncated", False))
+            run.report.parse_warnings += bool(getattr(pred, "warnings", None))
+            for ex in examples:
+                item = {"text": key[0], "region": key[1], "prediction": _to_json(pred), "target": _to_json(ex.target)}
+                try:
+                    run.scorer_for(ex.target).add(sample, ex, pred)
+                    run.report.examples += 1
+                except Exception as e:
+                    msg = _message("prediction could not be scored", sample, e)
+                    run.report.add_error(msg)
+                    item["error"] = msg
+                items.append(item)
+        record["items"] = items
+        records.append(record)
+    return records
+
+
+def headline_metrics(
+    florence,
+    samples: Sequence[Any],
+    tasks: Iterable[Any] | str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Held-out evaluation for the training loop: a flat {"task/metric": value} dict of headline metrics plus
+    "task/errors" counts. The model is put in eval mode for the call and restored afterwards."""
+    model = getattr(florence, "model", None)
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        import torch
+
+        with torch.no_grad():
+            report = evaluate(florence, samples, tasks, limit=limit, batch_size=batch_size, progress=False)
+    finally:
+        if was_training:
+            model.train()
+    out = report.headline()
+    out.update({f"{n}/errors": float(t.errors) for n, t in report.tasks.items() if t.errors})
+    return out
