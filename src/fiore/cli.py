@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="fiore: one vision model for many tasks.")
@@ -32,6 +34,154 @@ def train(
         raise typer.BadParameter(str(e), param_hint="CONFIG / --set") from None
     final = run(cfg, resume=resume)
     typer.echo(f"final model: {final}")
+
+
+def _load_florence(model: str | None, device: str):
+    """The model at `model` (a checkpoint directory), or the shipped default model."""
+    import fiore
+
+    try:
+        return fiore.load(model, device=device)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="image files", exists=True, dir_okay=False, readable=True),
+    task: list[str] = typer.Option(["all"], "--task", "-t", help="task name (repeatable); all = every input-free task"),
+    text: str | None = typer.Option(None, "--text", help="text input for text tasks (caption, expression, classes)"),
+    region: str | None = typer.Option(None, "--region", help="x1,y1,x2,y2 in pixels for region tasks"),
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write annotated images and JSON here"),
+    format: str = typer.Option("json", "--format", help="json (one file per image) or coco (one file)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps"),
+) -> None:
+    """Run tasks on images: a table on the terminal; annotated images and JSON in --out."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fiore.draw import plot, summary, to_coco
+    from fiore.jobs import InputError, make_jobs, open_image, run_jobs
+
+    if format not in ("json", "coco"):
+        raise typer.BadParameter(f"unknown format {format!r}; use json or coco", param_hint="--format")
+    console = Console()
+    loaded = []
+    for path in images:
+        try:
+            image = open_image(path)
+            loaded.append((path, image, make_jobs(task, text, region, image.size)))
+        except InputError as e:
+            raise typer.BadParameter(str(e), param_hint="--task/--text/--region") from None
+        except (OSError, ValueError) as e:
+            raise typer.BadParameter(f"{path}: {e}", param_hint="IMAGES") from None
+    florence = _load_florence(model, device)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": []}
+    categories: dict[str, int] = {}
+    for image_id, (path, image, jobs) in enumerate(loaded, start=1):
+        results = run_jobs(florence, image, jobs)
+        table = Table(title=f"{path} ({image.width}x{image.height})")
+        for column in ("task", "answer", "score"):
+            table.add_column(column)
+        for name, result in results.items():
+            score = "" if result.score is None else f"{result.score:.3f}"
+            table.add_row(name, summary(result) + (" [truncated]" if result.truncated else ""), score)
+        console.print(table)
+        if out is None:
+            continue
+        for name, result in results.items():
+            plot(result, image).save(out / f"{path.stem}.{name}.png")
+        if format == "json":
+            answer = {name: result.to_json() for name, result in results.items()}
+            (out / f"{path.stem}.json").write_text(json.dumps(answer, indent=1, ensure_ascii=False) + "\n")
+        else:
+            info = {"id": image_id, "file_name": path.name, "width": image.width, "height": image.height}
+            coco["images"].append(info)
+            for name, result in results.items():
+                for ann in to_coco(result, image_id, categories):
+                    coco["annotations"].append({"id": len(coco["annotations"]) + 1, "task": name, **ann})
+    if out is not None and format == "coco":
+        coco["categories"] = [{"id": i, "name": n} for n, i in categories.items()]
+        (out / "coco.json").write_text(json.dumps(coco, indent=1, ensure_ascii=False) + "\n")
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def label(
+    folder: Path = typer.Argument(..., help="folder of images (searched recursively)", exists=True, file_okay=False),
+    task: str = typer.Option("od", "--task", "-t", help="a detection-like task (od, dense_region_caption, ...)"),
+    out: Path = typer.Option(Path("labels.json"), "--out", "-o", help="COCO JSON to write"),
+    text: str | None = typer.Option(None, "--text", help="text input, e.g. classes for open_vocabulary_detection"),
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    threshold: float = typer.Option(0.0, "--threshold", help="drop detections scoring below this"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from fiore.jobs import InputError, expand_tasks
+    from fiore.label import label_folder, list_images
+
+    try:
+        (t,) = expand_tasks([task])
+    except (InputError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--task") from None
+    if t.inputs == "region":
+        raise typer.BadParameter(f"task {t.name} needs a region per image; it cannot label a folder", "--task")
+    if t.inputs == "text" and not text:
+        raise typer.BadParameter(f"task {t.name} needs --text", param_hint="--text")
+    if not list_images(folder):
+        raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
+    florence = _load_florence(model, device)
+    columns = (TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task("label", total=None)
+        coco = label_folder(
+            florence,
+            folder,
+            out,
+            t.name,
+            text=text if t.inputs == "text" else None,
+            batch_size=batch_size,
+            threshold=threshold,
+            on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+    typer.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="requests per engine pass"),
+    max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0, help="wait for more requests to batch"),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="queued requests before answering 503"),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0),
+    max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="FIORE_API_KEY", help="require X-API-Key"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """HTTP server: POST /v1/predict, GET /v1/tasks, a web page at /, OpenAPI at /docs."""
+    from fiore.serve import ServeConfig
+    from fiore.serve import serve as run
+
+    config = ServeConfig(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_pixels=max_pixels,
+        api_key=api_key,
+    )
+    run(_load_florence(model, device), host=host, port=port, config=config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,249 @@
+"""What a user does with a `Result` after predicting: draw it over the image, export it to COCO or supervision.
+
+Results are read by their public fields (`boxes`, `polygons`, `quads`, `phrases`, `labels`, `scores`, `text`,
+`label`), so every result type — and any object with the same fields — goes through one code path: `instances`.
+Coordinates are pixels of the original image, x1, y1, x2, y2 (boxes) or flat x, y rings (polygons, quads).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+# Colour-blind friendly, high-contrast palette (Okabe-Ito + extras); a label always gets the same colour.
+PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (255, 255, 255),
+    (120, 200, 40),
+    (255, 80, 80),
+]
+
+
+@dataclass
+class Instance:
+    """One drawable thing: `kind` "box" (coords x1,y1,x2,y2), "polygon" (list of flat rings) or "quad" (8 floats)."""
+
+    kind: str
+    coords: list
+    label: str
+    score: float | None
+
+
+def _at(values, i):
+    if values is None or i >= len(values):
+        return None
+    return values[i]
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
+
+
+def instances(result) -> list[Instance]:
+    """Every located instance of a result, in its order. Text-only results have none."""
+    out: list[Instance] = []
+    parts = [getattr(result, n, None) for n in ("boxes", "polygons")]
+    if any(hasattr(p, "labels") for p in parts):  # Mixed: a Boxes and a Polygons result inside
+        return [inst for p in parts if p is not None for inst in instances(p)]
+    scores = getattr(result, "scores", None)
+    phrases = getattr(result, "phrases", None)
+    if phrases is not None:  # phrase grounding: one phrase, several boxes
+        for i, phrase in enumerate(phrases):
+            for box in _at(getattr(result, "boxes", None), i) or []:
+                out.append(Instance("box", [float(v) for v in box], str(phrase), _float_or_none(_at(scores, i))))
+        return out
+    labels = getattr(result, "labels", None) or []
+    boxes = getattr(result, "boxes", None)
+    polygons = getattr(result, "polygons", None)
+    quads = getattr(result, "quads", None)
+    for geoms, kind in ((boxes, "box"), (polygons, "polygon"), (quads, "quad")):
+        for i, g in enumerate(geoms or []):
+            if kind == "polygon":
+                coords = [[float(v) for v in ring] for ring in g]
+            else:
+                coords = [float(v) for v in g]
+            out.append(Instance(kind, coords, str(_at(labels, i) or ""), _float_or_none(_at(scores, i))))
+    return out
+
+
+def result_text(result) -> str | None:
+    """The text of a text-like result (caption, OCR, VQA answer, class label), else None."""
+    for name in ("text", "label"):
+        value = getattr(result, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def bbox_of(inst: Instance) -> list[float]:
+    """Axis-aligned x1, y1, x2, y2 around an instance."""
+    if inst.kind == "box":
+        return list(inst.coords)
+    flat = [v for ring in inst.coords for v in ring] if inst.kind == "polygon" else inst.coords
+    xs, ys = flat[0::2], flat[1::2]
+    if not xs:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def _ring_area(ring: list[float]) -> float:
+    xs, ys = ring[0::2], ring[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
+
+
+def colour(label: str) -> tuple[int, int, int]:
+    # crc32, not hash(): the same label keeps its colour across processes.
+    return PALETTE[zlib.crc32(label.encode("utf-8")) % len(PALETTE)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        return ImageFont.load_default()
+
+
+def _caption(inst: Instance) -> str:
+    if inst.score is None:
+        return inst.label
+    return f"{inst.label} {inst.score:.2f}".strip()
+
+
+def plot(result, image: Image.Image | None = None, *, line_width: int | None = None) -> Image.Image:
+    """A copy of `image` (RGB) with the result drawn: boxes, polygons, quads with `label score`, text in a banner.
+
+    Without an image, draws on a grey canvas of `result.image_size` (width, height) when the result carries one,
+    else one just large enough for the instances.
+    """
+    insts = instances(result)
+    if image is None:
+        size = getattr(result, "image_size", None)
+        if size is None:
+            xs = [bbox_of(i)[2] for i in insts] or [256]
+            ys = [bbox_of(i)[3] for i in insts] or [256]
+            size = (max(64, int(max(xs)) + 1), max(64, int(max(ys)) + 1))
+        image = Image.new("RGB", tuple(int(v) for v in size), (96, 96, 96))
+    canvas = image.convert("RGB").copy()
+    W, H = canvas.size
+    lw = line_width or max(2, round(max(W, H) / 250))
+    font = _font(max(11, round(max(W, H) / 45)))
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    fill = ImageDraw.Draw(overlay)
+    draw = ImageDraw.Draw(canvas)
+    for inst in insts:
+        c = colour(inst.label)
+        if inst.kind == "box":
+            x1, y1, x2, y2 = inst.coords
+            draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=c, width=lw)
+        else:
+            rings = inst.coords if inst.kind == "polygon" else [inst.coords]
+            for ring in rings:
+                pts = list(zip(ring[0::2], ring[1::2], strict=False))
+                if len(pts) >= 3:
+                    fill.polygon(pts, fill=c + (90,))
+                    draw.line(pts + [pts[0]], fill=c, width=lw)
+                elif pts:
+                    draw.line(pts, fill=c, width=lw)
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for inst in insts:  # labels last so no fill covers them
+        text = _caption(inst)
+        if not text:
+            continue
+        x1, y1, _, _ = bbox_of(inst)
+        l, t, r, b = draw.textbbox((0, 0), text, font=font)
+        tw, th = r - l + 4, b - t + 4
+        x = min(max(0, x1), max(0, W - tw))
+        y = y1 - th if y1 - th >= 0 else y1
+        draw.rectangle([x, y, x + tw, y + th], fill=colour(inst.label))
+        draw.text((x + 2 - l, y + 2 - t), text, fill=(0, 0, 0), font=font)
+    text = result_text(result)
+    if text:
+        score = getattr(result, "score", None)
+        banner = text if score is None else f"{text}  ({float(score):.2f})"
+        l, t, r, b = draw.textbbox((0, 0), banner, font=font)
+        draw.rectangle([0, 0, min(W, r - l + 8), b - t + 8], fill=(0, 0, 0))
+        draw.text((4 - l, 4 - t), banner, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def to_coco(result, image_id: int | str, categories: dict[str, int] | None = None) -> list[dict]:
+    """COCO result records for one image.
+
+    Located results -> one detection record per instance: {"image_id", "category_id", "category_name", "bbox"
+    [x, y, w, h], "area", "score", and "segmentation" (list of flat rings) for polygons and quads}.
+    `categories` maps label -> id and is extended in place with ids from 1 for unseen labels, so one dict shared
+    across images yields one consistent category list. Text results -> [{"image_id", "caption"}] (COCO captions).
+    """
+    categories = {} if categories is None else categories
+    insts = instances(result)
+    if not insts:
+        text = result_text(result)
+        has_geometry = any(getattr(result, n, None) is not None for n in ("boxes", "polygons", "quads", "phrases"))
+        return [{"image_id": image_id, "caption": text}] if text is not None and not has_geometry else []
+    records = []
+    for inst in insts:
+        if inst.label not in categories:
+            categories[inst.label] = max(categories.values(), default=0) + 1
+        x1, y1, x2, y2 = bbox_of(inst)
+        rec = {
+            "image_id": image_id,
+            "category_id": categories[inst.label],
+            "category_name": inst.label,
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": inst.score,
+        }
+        if inst.kind == "box":
+            rec["area"] = (x2 - x1) * (y2 - y1)
+        else:
+            rings = inst.coords if inst.kind == "polygon" else [inst.coords]
+            rec["segmentation"] = [list(r) for r in rings]
+            rec["area"] = sum(_ring_area(r) for r in rings)
+        records.append(rec)
+    return records
+
+
+def supervision_arrays(result) -> dict:
+    """The arrays `supervision.Detections` is built from: xyxy (n, 4) float32, confidence (n,) float32 (NaN where
+    a score is missing), class_id (n,) int, and data["class_name"] (n,) str; class ids follow first appearance."""
+    import numpy as np
+
+    insts = instances(result)
+    names: dict[str, int] = {}
+    for inst in insts:
+        names.setdefault(inst.label, len(names))
+    return {
+        "xyxy": np.array([bbox_of(i) for i in insts], dtype=np.float32).reshape(-1, 4),
+        "confidence": np.array([np.nan if i.score is None else i.score for i in insts], dtype=np.float32),
+        "class_id": np.array([names[i.label] for i in insts], dtype=int),
+        "data": {"class_name": np.array([i.label for i in insts], dtype=str)},
+    }
+
+
+def to_supervision(result):
+    """A `supervision.Detections` (optional dependency: `pip install supervision`)."""
+    try:
+        import supervision as sv
+    except ImportError:
+        raise ImportError("to_supervision needs the optional package `supervision`: pip install supervision") from None
+    return sv.Detections(**supervision_arrays(result))
+
+
+def summary(result, limit: int = 6) -> str:
+    """One line for a terminal table: the text, or `n x label score` for the first instances."""
+    text = result_text(result)
+    if text is not None:
+        return text
+    insts = instances(result)
+    shown = ", ".join(_caption(i) or "?" for i in insts[:limit])
+    more = f", … (+{len(insts) - limit})" if len(insts) > limit else ""
+    return f"{len(insts)}: {shown}{more}" if insts else "nothing found"

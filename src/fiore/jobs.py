@@ -1,0 +1,121 @@
+"""From user input to engine calls, shared by `fiore predict`, `fiore label` and the server.
+
+A job is a (task name, text, region) triple: each task gets only the input it takes, so one request can mix
+`od`, `caption_to_phrase_grounding` (text) and `region_to_category` (region).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+Job = tuple[str, "str | None", "tuple[float, float, float, float] | None"]
+
+
+class InputError(ValueError):
+    """Bad user input (unknown task, missing or malformed text/region); the message says what to fix."""
+
+
+def open_image(src: str | Path | bytes):
+    """RGB PIL image from a path or bytes, via `fiore.processor.load_image` (EXIF applied, clear errors)."""
+    try:
+        from fiore.processor import load_image
+    except ImportError:  # processor not available: plain PIL with EXIF orientation
+        import io
+
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    return load_image(src)
+
+
+def parse_region(value) -> tuple[float, float, float, float] | None:
+    """ "x1,y1,x2,y2" or a 4-sequence of pixels -> tuple, or None when empty."""
+    import math
+
+    if value is None or value == "" or value == []:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        region = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise InputError(f"region must be four numbers x1,y1,x2,y2; got {value!r}") from None
+    if len(region) != 4 or not all(math.isfinite(v) for v in region):
+        raise InputError(f"region must be four finite numbers x1,y1,x2,y2; got {value!r}")
+    x1, y1, x2, y2 = region
+    if x2 <= x1 or y2 <= y1:
+        raise InputError(f"region must have x1 < x2 and y1 < y2; got {value!r}")
+    return region
+
+
+def expand_tasks(names: Sequence[str]) -> list:
+    """Task objects for names (or tokens); "all" = every task that needs no input. Duplicates dropped."""
+    from fiore import tasks as registry
+
+    out, seen = [], set()
+    for name in names:
+        if name == "all":
+            found = [t for t in registry.all() if t.inputs == "none"]
+        else:
+            try:
+                found = [registry.get(name)]
+            except (KeyError, ValueError):
+                raise InputError(f"unknown task {name!r}; known tasks: all, {', '.join(registry.names())}") from None
+        for t in found:
+            if t.name not in seen:
+                seen.add(t.name)
+                out.append(t)
+    return out
+
+
+def make_jobs(task_names: Sequence[str], text: str | None, region, image_size: tuple[int, int]) -> list[Job]:
+    """Validated jobs for one image of `image_size` (width, height)."""
+    if not task_names:
+        raise InputError("give at least one task (see `fiore tasks` or GET /v1/tasks)")
+    text = (text.strip() or None) if text is not None else None
+    region = parse_region(region)
+    W, H = image_size
+    if region is not None and (region[0] < 0 or region[1] < 0 or region[2] > W or region[3] > H):
+        raise InputError(f"region {list(region)} lies outside the {W}x{H} image")
+    jobs = []
+    for t in expand_tasks(task_names):
+        if t.inputs == "text" and text is None:
+            raise InputError(f"task {t.name} needs text (a caption, expression or class names)")
+        if t.inputs == "region" and region is None:
+            raise InputError(f"task {t.name} needs a region x1,y1,x2,y2 in pixels")
+        t_text = text if t.inputs == "text" else None
+        t_region = region if t.inputs == "region" else None
+        try:
+            t.prompt(text=t_text, region=list(t_region) if t_region else None, image_size=image_size)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"task {t.name}: {e}") from None
+        jobs.append((t.name, t_text, t_region))
+    return jobs
+
+
+def predict_batch(florence, images: Sequence, task: str, text: str | None = None, region=None) -> list:
+    """`florence.predict` over a list of images, always returning a list of Results (one per image)."""
+    kwargs = {}
+    if text is not None:
+        kwargs["text"] = text
+    if region is not None:
+        kwargs["region"] = list(region)
+    out = florence.predict(list(images), task, **kwargs)
+    out = out if isinstance(out, list) else [out]
+    if len(out) != len(images):
+        raise RuntimeError(f"predict returned {len(out)} results for {len(images)} images")
+    return out
+
+
+def run_jobs(florence, image, jobs: Sequence[Job]) -> dict:
+    """Every job on one image -> {task name: Result}. Input-free tasks go through `florence.run` when it exists,
+    so the image is encoded once for all of them."""
+    results = {}
+    plain = [name for name, text, region in jobs if text is None and region is None]
+    if len(plain) > 1 and hasattr(florence, "run"):
+        results.update(florence.run(image, plain))
+    for name, text, region in jobs:
+        if name not in results:
+            results[name] = predict_batch(florence, [image], name, text=text, region=region)[0]
+    return {name: results[name] for name, _, _ in jobs}

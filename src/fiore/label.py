@@ -1,0 +1,170 @@
+"""Auto-labelling a folder of images into COCO JSON, resumable after a kill.
+
+Each finished batch is appended to a journal (`OUT.journal.jsonl`, one JSON line per image) and fsynced, so a
+killed run loses at most the batch in flight; a rerun with the same output path reads the journal, skips the
+images already there and labels the rest. The COCO file is assembled from the journal only at the end and
+written atomically (temporary file + `os.replace`), so it is never half-written; then the journal is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files under `folder` (recursive), as sorted POSIX paths relative to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a directory: {folder}")
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def journal_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".journal.jsonl")
+
+
+def read_journal(path: Path, header: dict) -> dict[str, dict]:
+    """Records by file name. A torn last line (killed mid-write) is cut off so appends start on a clean line."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    good_bytes = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            if i == 0:
+                if rec != header:
+                    raise ValueError(
+                        f"{path} was written by a run with {rec}, not {header}; use the same options or delete it"
+                    )
+            else:
+                done[rec["file_name"]] = rec
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON so that readers see either the old file or the whole new one, never a prefix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def assemble_coco(records: list[dict], task: str, threshold: float = 0.0) -> dict:
+    """COCO JSON from journal records: images sorted by file name (ids from 1), categories sorted by name,
+    annotations in image order; detections whose score is below `threshold` dropped (unscored ones kept)."""
+    records = sorted((r for r in records if "error" not in r), key=lambda r: r["file_name"])
+    names = sorted({a["category_name"] for r in records for a in r["annotations"] if "category_name" in a})
+    cat_id = {n: i + 1 for i, n in enumerate(names)}
+    images, annotations = [], []
+    for image_id, rec in enumerate(records, start=1):
+        images.append({"id": image_id, "file_name": rec["file_name"], "width": rec["width"], "height": rec["height"]})
+        for a in rec["annotations"]:
+            if "caption" in a:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": a["caption"]})
+                continue
+            if a.get("score") is not None and a["score"] < threshold:
+                continue
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[a["category_name"]]}
+            ann.update({k: v for k, v in a.items() if k not in ("image_id", "category_id", "category_name")})
+            ann["iscrowd"] = 0
+            annotations.append(ann)
+    return {
+        "info": {"description": f"fiore auto-labels, task {task}", "task": task, "score_threshold": threshold},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_id[n], "name": n} for n in names],
+    }
+
+
+def label_folder(
+    florence,
+    folder: str | Path,
+    out: str | Path,
+    task: str = "od",
+    *,
+    text: str | None = None,
+    batch_size: int = 8,
+    threshold: float = 0.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
+
+    Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch.
+    """
+    from fiore.draw import to_coco
+    from fiore.jobs import open_image, predict_batch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    folder, out = Path(folder), Path(out)
+    files = list_images(folder)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    journal = journal_path(out)
+    header = {"fiore_label_journal": 1, "task": task, "text": text}
+    done = read_journal(journal, header)
+    if not journal.exists() or journal.stat().st_size == 0:
+        _append(journal, [header])
+    pending = [f for f in files if f not in done]
+    if on_progress:
+        on_progress(len(files) - len(pending), len(files))
+    for start in range(0, len(pending), batch_size):
+        names = pending[start : start + batch_size]
+        images, records, ok = [], [], []
+        for name in names:
+            try:
+                images.append(open_image(folder / name))
+                ok.append(name)
+            except Exception as e:  # a broken file must not stop a thousand-image run
+                warnings.warn(f"skipping {name}: {e}", stacklevel=2)
+                records.append({"file_name": name, "error": str(e)})
+        results = predict_batch(florence, images, task, text=text) if images else []
+        for name, image, result in zip(ok, images, results, strict=True):
+            anns = [{k: v for k, v in a.items() if k != "image_id"} for a in to_coco(result, 0)]
+            records.append({"file_name": name, "width": image.width, "height": image.height, "annotations": anns})
+        _append(journal, records)
+        done.update({r["file_name"]: r for r in records})
+        if on_progress:
+            on_progress(len(files) - len(pending) + start + len(names), len(files))
+    coco = assemble_coco([done[f] for f in files if f in done], task, threshold)
+    write_json_atomic(out, coco)
+    journal.unlink()
+    return coco

@@ -1,0 +1,387 @@
+"""HTTP server: `create_app(florence, ServeConfig()) -> FastAPI`, run by `fiore serve` under uvicorn.
+
+Requests are validated up front (sizes, tasks, inputs) so bad input gets a 4xx before it costs any compute; valid
+ones go into a bounded queue. One worker takes up to `max_batch` queued requests (waiting at most `max_wait_ms`
+for more once the first arrives), groups their jobs by (task, text, region) and runs each group as one batched
+`florence.predict` call in a thread, so the event loop keeps accepting requests while the model runs. A full
+queue answers 503 with Retry-After rather than letting latency grow without bound. The server only reads the
+bytes it is sent: it never fetches URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 8  # requests per engine pass
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
+    max_queue: int = 64  # requests waiting; beyond this -> 503
+    max_upload_bytes: int = 10 * 2**20  # whole request body
+    max_pixels: int = 4096 * 4096
+    max_text_chars: int = 1000
+    max_tasks: int = 16
+    api_key: str | None = None
+    retry_after_s: int = 1
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class Job:
+    """One validated request: an image and the (task, text, region) triples asked of it."""
+
+    image: object  # PIL RGB
+    tasks: list[tuple[str, str | None, tuple[float, ...] | None]]
+    future: asyncio.Future
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+class Batcher:
+    """Bounded queue + one worker that forms batches and runs them on the engine in a thread."""
+
+    def __init__(self, florence, config: ServeConfig):
+        self.florence, self.config = florence, config
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.max_queue)
+        self.batch_sizes: Counter[int] = Counter()  # images per engine call -> count
+        self.requests_per_pass: Counter[int] = Counter()
+        self.rejected = 0
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, image, tasks) -> tuple[dict, list[int]]:
+        job = Job(image, tasks, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.rejected += 1
+            raise HTTPError(
+                503, "server busy: request queue is full, retry later", {"Retry-After": str(self.config.retry_after_s)}
+            ) from None
+        return await job.future, job.batch_sizes
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.config.max_wait_ms / 1000
+            while len(batch) < self.config.max_batch:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            batch = [j for j in batch if not j.future.done()]  # clients that gave up
+            if not batch:
+                continue
+            self.requests_per_pass[len(batch)] += 1
+            outcomes = await asyncio.to_thread(self._execute, batch)
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    def _execute(self, batch: list[Job]) -> list:
+        """Runs in the worker thread: one `predict` per distinct (task, text, region), over all images asking it."""
+        from fiore.jobs import predict_batch
+
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(batch):
+            for key in job.tasks:
+                groups.setdefault(key, []).append(i)
+        outcomes: list = [{} for _ in batch]
+        for (task, text, region), members in groups.items():
+            images = [batch[i].image for i in members]
+            try:
+                results = predict_batch(self.florence, images, task, text=text, region=list(region) if region else None)
+            except Exception as e:  # one failing group must not take the others down
+                err = HTTPError(500, f"generation failed for task {task}: {type(e).__name__}: {e}")
+                for i in members:
+                    outcomes[i] = err
+                continue
+            self.batch_sizes[len(images)] += 1
+            for i, result in zip(members, results, strict=True):
+                if isinstance(outcomes[i], dict):
+                    outcomes[i][task] = result_json(result)
+                    batch[i].batch_sizes.append(len(images))
+        return outcomes
+
+
+def result_json(result) -> dict:
+    value = result.to_json()
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) before reading when Content-Length says it is too large, and while
+    reading when a chunked body grows past the limit."""
+    declared = request.headers.get("content-length")
+    too_big = HTTPError(413, f"request body larger than the limit of {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def decode_image(data: bytes, max_pixels: int):
+    """PIL RGB image from bytes; the pixel limit is checked from the header, before any decoding."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise HTTPError(400, "image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise HTTPError(413, f"image has {w}x{h}={w * h} pixels, more than the limit of {max_pixels}")
+            im.load()
+            image = ImageOps.exif_transpose(im).convert("RGB")
+    except HTTPError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise HTTPError(400, f"cannot read image: {e}") from None
+    if min(image.size) < 1:
+        raise HTTPError(400, "image has no pixels")
+    return image
+
+
+def decode_base64_image(value) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise HTTPError(400, '"image" must be a base64 string of the image bytes')
+    if value.lower().startswith(("http://", "https://", "ftp://", "file:")):
+        raise HTTPError(400, "the server does not fetch URLs; send the image bytes as base64")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, '"image" is not valid base64') from None
+
+
+def validate(image, task_names: list[str], text, region, config: ServeConfig) -> list[tuple]:
+    """Engine jobs for a request; size limits answer 413, other bad input 400."""
+    from fiore.jobs import InputError, make_jobs, parse_region
+
+    if text is not None and not isinstance(text, str):
+        raise HTTPError(400, '"text" must be a string')
+    if text is not None and len(text) > config.max_text_chars:
+        raise HTTPError(413, f"text has {len(text)} characters, more than the limit of {config.max_text_chars}")
+    if len(task_names) > config.max_tasks:
+        raise HTTPError(400, f"{len(task_names)} tasks asked; at most {config.max_tasks} per request")
+    try:
+        return make_jobs(task_names, text, parse_region(region), image.size)
+    except InputError as e:
+        raise HTTPError(400, str(e)) from None
+
+
+async def parse_predict(request: Request, config: ServeConfig):
+    """(image, task names, text, region) from a multipart form or a JSON body."""
+    body = await read_body(request, config.max_upload_bytes)
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_part_size=config.max_upload_bytes)
+        except Exception as e:
+            raise HTTPError(400, f"malformed multipart form: {e}") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPError(400, 'missing file field "image" (the server does not fetch URLs)')
+        data = await upload.read()
+        names = [n.strip() for v in form.getlist("task") + form.getlist("tasks") for n in str(v).split(",")]
+        text = form.get("text")
+        region = form.get("region")
+    elif ctype.startswith("application/json"):
+        try:
+            payload = json.loads(body)
+        except ValueError as e:
+            raise HTTPError(400, f"body is not valid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "JSON body must be an object")
+        if "image" not in payload:
+            raise HTTPError(400, 'missing "image" (base64 of the image bytes)')
+        data = decode_base64_image(payload["image"])
+        names = payload.get("tasks", payload.get("task", []))
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise HTTPError(400, '"tasks" must be a list of task names')
+        text, region = payload.get("text"), payload.get("region")
+    else:
+        raise HTTPError(415, "send multipart/form-data (field image + task) or application/json")
+    image = decode_image(data, config.max_pixels)
+    return image, [n for n in names if n], text, region
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+
+def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
+    """The fastapi app serving `florence` (anything with `predict(images, task, text=, region=)`)."""
+    config = config or ServeConfig()
+    batcher = Batcher(florence, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="fiore",
+        summary="One vision model for many tasks: detection, captioning, OCR, grounding, segmentation.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.config = config
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            raise HTTPError(401, "missing or wrong API key (X-API-Key header)", {"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "queued": batcher.queue.qsize()}
+
+    @app.get("/v1/tasks")
+    async def list_tasks(request: Request) -> list[dict]:
+        """Every task: name, task token and the input it takes ("none", "text" or "region")."""
+        from fiore import tasks as registry
+
+        authorize(request)
+        return [{"name": t.name, "token": t.token, "inputs": t.inputs} for t in registry.all()]
+
+    @app.get("/v1/stats")
+    async def stats(request: Request) -> dict:
+        """Batch sizes formed so far: images per engine call and requests per worker pass."""
+        authorize(request)
+        return {
+            "engine_batch_sizes": {str(k): v for k, v in sorted(batcher.batch_sizes.items())},
+            "requests_per_pass": {str(k): v for k, v in sorted(batcher.requests_per_pass.items())},
+            "rejected_overload": batcher.rejected,
+            "queued": batcher.queue.qsize(),
+            "max_batch": config.max_batch,
+            "max_queue": config.max_queue,
+        }
+
+    @app.post(
+        "/v1/predict",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image", "task"],
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "task": {"type": "array", "items": {"type": "string"}},
+                                "text": {"type": "string"},
+                                "region": {"type": "string", "description": "x1,y1,x2,y2 in pixels"},
+                            },
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image", "tasks"],
+                            "properties": {
+                                "image": {"type": "string", "description": "base64 of the image file bytes"},
+                                "tasks": {"type": "array", "items": {"type": "string"}},
+                                "text": {"type": "string"},
+                                "region": {"type": "array", "items": {"type": "number"}, "minItems": 4},
+                            },
+                        }
+                    },
+                },
+                "required": True,
+            }
+        },
+    )
+    async def predict(request: Request) -> JSONResponse:
+        """Run one or more tasks on one image; the answer is a JSON object keyed by task name."""
+        authorize(request)
+        start = time.perf_counter()
+        image, names, text, region = await parse_predict(request, config)
+        jobs = validate(image, names, text, region, config)
+        answer, sizes = await batcher.submit(image, jobs)
+        headers = {
+            "X-Fiore-Batch-Size": str(max(sizes, default=0)),
+            "X-Fiore-Time-Ms": f"{(time.perf_counter() - start) * 1000:.1f}",
+        }
+        return JSONResponse(answer, headers=headers)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app
+
+
+def serve(florence, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None) -> None:
+    """Run the server in the foreground (blocks)."""
+    import uvicorn
+
+    uvicorn.run(create_app(florence, config), host=host, port=port, log_level="info")

@@ -1,0 +1,96 @@
+"""Test helpers for the user-facing layer: a Florence-like fake whose answers depend on the image pixels, and a
+uvicorn server on a free loopback port.
+
+The fake returns real `fiore.results` objects whose numbers come from the image (mean colour, size), so a
+response delivered to the wrong request, or computed from the wrong image, is caught.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import numpy as np
+
+from fiore import tasks as registry
+from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
+
+
+class FakeFlorence:
+    """`predict(images, task, text=None, region=None)` and `run(image, tasks)` like the real engine.
+
+    `gate` (a threading.Event) blocks every predict call until set; `delay` sleeps per call. `calls` records
+    (task, number of images) per predict call.
+    """
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
+        self.delay, self.gate = delay, gate
+        self.calls: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def run(self, image, tasks):
+        return {t: self.predict(image, t) for t in tasks}
+
+    def predict(self, images, task, text=None, region=None):
+        single = not isinstance(images, list)
+        images = [images] if single else images
+        with self.lock:
+            self.calls.append((task, len(images)))
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.delay:
+            time.sleep(self.delay)
+        out = [answer(im, registry.get(task).name, text, region) for im in images]
+        return out[0] if single else out
+
+
+def answer(image, task: str, text=None, region=None):
+    """A deterministic Result for `task` computed from the image."""
+    W, H = image.size
+    m = float(np.asarray(image, dtype=np.float32).mean()) / 255  # 0..1
+    box = [W * 0.1 * m, H * 0.2 * m, W * (0.5 + 0.4 * m), H * (0.6 + 0.3 * m)]
+    ring = [box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3]]
+    score = round(0.5 + 0.45 * m, 4)
+    label = f"thing{int(m * 10)}"
+    common = {"task": task, "score": score}
+    if task in ("od", "dense_region_caption", "region_proposal"):
+        small = [box[0] + 1, box[1] + 1, box[0] + W * 0.1, box[1] + H * 0.1]
+        return Boxes([box, small], [label, "dot"], [score, round(score / 2, 4)], **common)
+    if task == "open_vocabulary_detection":
+        return Mixed(boxes=Boxes([box], [text or label], [score]), **common)
+    if task == "ocr_with_region":
+        return Quads([ring], [f"TXT{int(m * 100)}"], [score], **common)
+    if task in ("referring_expression_segmentation", "region_to_segmentation"):
+        return Polygons([[ring]], [text or ""], [score], **common)
+    if task == "caption_to_phrase_grounding":
+        return Phrases([text or label], [[box]], [score], **common)
+    if task in ("region_to_category", "classify"):
+        return Label(f"{label} at {[float(v) for v in region]}" if region else label, **common)
+    return Text(f"{task} of a {W}x{H} image with mean {m:.4f}" + (f" / {text}" if text else ""), **common)
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", limit_concurrency=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

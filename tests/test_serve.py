@@ -1,0 +1,214 @@
+"""The HTTP server over real HTTP on loopback: answers, every limit, overload, API key, batching under load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fake_florence import FakeFlorence, answer, running_server
+from PIL import Image
+
+from fiore.serve import ServeConfig, create_app
+
+
+def png(w=64, h=48, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def expected(data: bytes, task: str, text=None, region=None) -> dict:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return answer(image, task, text, region).to_json()
+
+
+@pytest.fixture
+def server():
+    """(base URL, fake) with default limits but small ones where tests probe them."""
+    fake = FakeFlorence()
+    config = ServeConfig(max_upload_bytes=200_000, max_pixels=500 * 500, max_text_chars=50, max_wait_ms=5)
+    with running_server(create_app(fake, config)) as url:
+        yield url, fake
+
+
+def test_health_tasks_openapi_and_page(server):
+    url, _ = server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    tasks = httpx.get(f"{url}/v1/tasks").json()
+    by_name = {t["name"]: t for t in tasks}
+    assert by_name["od"] == {"name": "od", "token": "<OD>", "inputs": "none"}
+    assert by_name["caption_to_phrase_grounding"]["inputs"] == "text"
+    assert by_name["region_to_category"]["inputs"] == "region"
+    schema = httpx.get(f"{url}/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert httpx.get(f"{url}/web/app.js").status_code == 200
+
+
+def test_multipart_several_tasks_with_text_and_region(server):
+    url, _ = server
+    data = png()
+    r = httpx.post(
+        f"{url}/v1/predict",
+        files={"image": ("x.png", data, "image/png")},
+        data={
+            "task": ["od", "caption", "caption_to_phrase_grounding", "region_to_category"],
+            "text": "a red thing",
+            "region": "1,2,30,40",
+        },
+    )
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert list(got) == ["od", "caption", "caption_to_phrase_grounding", "region_to_category"]
+    assert got["od"] == expected(data, "od")
+    assert got["caption"] == expected(data, "caption")
+    assert got["caption_to_phrase_grounding"] == expected(data, "caption_to_phrase_grounding", "a red thing")
+    # each task gets only its own input: the region goes to region_to_category alone
+    assert got["region_to_category"] == expected(data, "region_to_category", region=(1.0, 2.0, 30.0, 40.0))
+
+
+def test_json_body_and_all(server):
+    url, fake = server
+    data = png(colour=(10, 200, 90))
+    r = httpx.post(f"{url}/v1/predict", json={"image": base64.b64encode(data).decode(), "tasks": ["all"]})
+    assert r.status_code == 200, r.text
+    no_input = [t["name"] for t in httpx.get(f"{url}/v1/tasks").json() if t["inputs"] == "none"]
+    assert list(r.json()) == no_input
+    assert r.json()["ocr_with_region"] == expected(data, "ocr_with_region")
+    r = httpx.post(
+        f"{url}/v1/predict",
+        json={
+            "image": "data:image/png;base64," + base64.b64encode(data).decode(),
+            "tasks": ["region_to_category"],
+            "region": [0, 0, 10, 10],
+        },
+    )
+    assert r.json() == {"region_to_category": expected(data, "region_to_category", region=(0.0, 0.0, 10.0, 10.0))}
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, words",
+    [
+        (dict(data={"task": "nope"}), 400, "unknown task 'nope'"),
+        (dict(data={}), 400, "at least one task"),
+        (dict(data={"task": "caption_to_phrase_grounding"}), 400, "needs text"),
+        (dict(data={"task": "region_to_category"}), 400, "needs a region"),
+        (dict(data={"task": "region_to_category", "region": "1,2,3"}), 400, "four"),
+        (dict(data={"task": "region_to_category", "region": "10,10,5,20"}), 400, "x1 < x2"),
+        (dict(data={"task": "region_to_category", "region": "0,0,65,10"}), 400, "outside the 64x48 image"),
+        (dict(data={"task": "vqa", "text": "x" * 51}), 413, "limit of 50"),
+        (dict(data={"task": "od"}, image=png(501, 500)), 413, "limit of 250000"),
+        (dict(data={"task": "od"}, image=b"not an image"), 400, "cannot read image"),
+        (dict(data={"task": "od"}, image=b"\0" * 200_001), 413, "limit of 200000 bytes"),
+    ],
+)
+def test_limits_and_bad_input(server, kwargs, status, words):
+    url, fake = server
+    image = kwargs.pop("image", png())
+    r = httpx.post(f"{url}/v1/predict", files={"image": ("x.png", image, "image/png")}, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert fake.calls == []  # rejected before any compute
+
+
+def test_json_errors_and_no_url_fetching(server):
+    url, fake = server
+    for payload, words in [
+        ({"image": "https://example.com/cat.png", "tasks": ["od"]}, "does not fetch URLs"),
+        ({"image": "!!!", "tasks": ["od"]}, "not valid base64"),
+        ({"tasks": ["od"]}, 'missing "image"'),
+        ({"image": base64.b64encode(png()).decode(), "tasks": "od", "text": 5}, '"text" must be a string'),
+    ]:
+        r = httpx.post(f"{url}/v1/predict", json=payload)
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+    r = httpx.post(f"{url}/v1/predict", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    r = httpx.post(f"{url}/v1/predict", content=b"abc", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = httpx.post(f"{url}/v1/predict", data={"task": "od", "image": "http://example.com/x.png"})
+    assert r.status_code == 400 and "does not fetch URLs" in r.json()["error"]
+    assert fake.calls == []
+
+
+def test_api_key():
+    with running_server(create_app(FakeFlorence(), ServeConfig(api_key="s3cret"))) as url:
+        files = {"image": ("x.png", png(), "image/png")}
+        assert httpx.post(f"{url}/v1/predict", files=files, data={"task": "od"}).status_code == 401
+        r = httpx.post(f"{url}/v1/predict", files=files, data={"task": "od"}, headers={"X-API-Key": "wrong"})
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        r = httpx.post(f"{url}/v1/predict", files=files, data={"task": "od"}, headers={"X-API-Key": "s3cret"})
+        assert r.status_code == 200
+        assert httpx.get(f"{url}/v1/tasks", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/v1/tasks").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # liveness probes need no key
+
+
+def test_overload_answers_503_with_retry_after():
+    gate = threading.Event()
+    fake = FakeFlorence(gate=gate)
+    config = ServeConfig(max_batch=1, max_queue=2, max_wait_ms=0, retry_after_s=3)
+    with running_server(create_app(fake, config)) as url:
+        files = {"image": ("x.png", png(), "image/png")}
+
+        def post():
+            return httpx.post(f"{url}/v1/predict", files=files, data={"task": "od"}, timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(post)
+            while not fake.calls:  # the worker holds request 1 inside the (blocked) engine
+                threading.Event().wait(0.01)
+            queued = [pool.submit(post) for _ in range(2)]
+            while httpx.get(f"{url}/health").json()["queued"] < 2:
+                threading.Event().wait(0.01)
+            rejected = post()
+            assert rejected.status_code == 503
+            assert rejected.headers["retry-after"] == "3"
+            assert "busy" in rejected.json()["error"]
+            gate.set()
+            assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
+        assert httpx.get(f"{url}/v1/stats").json()["rejected_overload"] == 1
+
+
+def test_engine_failure_is_500_and_server_survives():
+    class Broken(FakeFlorence):
+        def predict(self, images, task, text=None, region=None):
+            if task == "od":
+                raise RuntimeError("boom")
+            return super().predict(images, task, text, region)
+
+    with running_server(create_app(Broken())) as url:
+        files = {"image": ("x.png", png(), "image/png")}
+        r = httpx.post(f"{url}/v1/predict", files=files, data={"task": "od"})
+        assert r.status_code == 500 and "boom" in r.json()["error"]
+        assert httpx.post(f"{url}/v1/predict", files=files, data={"task": "caption"}).status_code == 200
+
+
+def test_50_concurrent_requests_batched_and_correct():
+    fake = FakeFlorence(delay=0.02)  # an engine pass takes time, so requests pile up and get batched
+    config = ServeConfig(max_batch=8, max_wait_ms=20, max_queue=64)
+    images = [png(32 + i, 32, (i * 5 % 256, 255 - i * 5 % 256, i * 3 % 256)) for i in range(50)]
+    tasks = ["od", "caption"]
+    with running_server(create_app(fake, config)) as url:
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=60)) as client:
+
+            def post(i):
+                files = {"image": (f"{i}.png", images[i], "image/png")}
+                return client.post(f"{url}/v1/predict", files=files, data={"task": tasks})
+
+            with ThreadPoolExecutor(50) as pool:
+                responses = list(pool.map(post, range(50)))
+            stats = client.get(f"{url}/v1/stats").json()
+    for data, r in zip(images, responses, strict=True):
+        assert r.status_code == 200, r.text
+        assert r.json() == {t: expected(data, t) for t in tasks}
+    sizes = {int(k): v for k, v in stats["engine_batch_sizes"].items()}
+    assert sum(k * v for k, v in sizes.items()) == 100  # every (image, task) computed exactly once
+    assert max(sizes) > 1 and max(sizes) <= 8
+    assert max(int(r.headers["x-fiore-batch-size"]) for r in responses) > 1
+    assert max(n for _, n in fake.calls) > 1
