@@ -42,6 +42,37 @@ class Result:
         """JSON-ready dict: {"type": class name, field: value, ...}."""
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
 
+    # Extras for users (issue 8); the drawing and export code lives in fiore.draw.
+    def to_coco(self, image_id: int | str, categories: dict[str, int] | None = None) -> list[dict[str, Any]]:
+        """COCO result records (detections with bbox [x, y, w, h], score, segmentation; or a caption record).
+        `categories` (label -> id) is extended in place for unseen labels."""
+        from fiore.draw import to_coco
+
+        return to_coco(self, image_id, categories)
+
+    def to_supervision(self):
+        """A `supervision.Detections` (needs the optional `supervision` package)."""
+        from fiore.draw import to_supervision
+
+        return to_supervision(self)
+
+    def plot(self, image=None, **kwargs):
+        """PIL RGB image: `image` with boxes / polygons / quads, labels and scores (and any text) drawn."""
+        from fiore.draw import plot
+
+        return plot(self, image, **kwargs)
+
+    def save(self, path, image=None) -> None:
+        """`.json` -> `to_json()`; an image suffix (.png, .jpg, ...) -> `plot(image)` saved there."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n")
+        else:
+            self.plot(image).save(path)
+
 
 @dataclass
 class Text(Result):
@@ -57,10 +88,12 @@ class Text(Result):
 
 @dataclass
 class Label(Result):
-    """One label (image classification, region-to-category)."""
+    """One label (image classification, region-to-category). `ranking`: closed-set scoring (`Florence.classify`)
+    fills it with every candidate and its probability, most likely first."""
 
     label: str
     raw: str | None = None
+    ranking: list[tuple[str, float]] | None = None
 
     def _florence_value(self) -> str:
         return self.label if self.raw is None else self.raw

@@ -1,0 +1,98 @@
+"""Result extras: plot, save, to_coco, to_supervision (drawing/export code in fiore.draw)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fiore.draw import colour, instances, summary, supervision_arrays
+from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
+
+BOXES = Boxes([[10, 20, 60, 70], [5, 5, 20, 15]], ["star", "disc"], [0.9, 0.25], task="od", score=0.8)
+
+
+def test_plot_draws_boxes_in_label_colour_and_keeps_input():
+    image = Image.new("RGB", (100, 90), (0, 0, 0))
+    out = BOXES.plot(image)
+    assert out.size == image.size and out.mode == "RGB"
+    assert image.getpixel((10, 45)) == (0, 0, 0)  # input untouched
+    assert out.getpixel((10, 45)) == colour("star")  # left edge of the first box, below its label
+    assert out.getpixel((35, 45)) == (0, 0, 0)  # inside a box: not filled
+    assert out.getpixel((95, 85)) == (0, 0, 0)
+
+
+def test_plot_polygon_is_filled_translucent_and_quads_outlined():
+    image = Image.new("RGB", (100, 100), (0, 0, 0))
+    poly = Polygons([[[20, 20, 80, 20, 80, 80, 20, 80]]], ["blob"], [0.5], task="referring_expression_segmentation")
+    inside = poly.plot(image).getpixel((50, 60))
+    assert inside != (0, 0, 0) and inside != colour("blob")  # blended fill
+    quads = Quads([[10, 10, 90, 10, 90, 40, 10, 40]], ["HELLO"], None, task="ocr_with_region")
+    assert quads.plot(image).getpixel((50, 40)) == colour("HELLO")
+
+
+def test_plot_text_banner_and_blank_canvas():
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    out = Text("a red star", task="caption", score=0.7).plot(image)
+    top = np.asarray(out)[:20]
+    assert (top == 255).all(axis=-1).any()  # white text on the banner
+    blank = BOXES.plot()  # no image: a canvas large enough for the boxes
+    assert blank.width >= 61 and blank.height >= 71
+
+
+def test_save_json_and_png(tmp_path):
+    BOXES.save(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == BOXES.to_json()
+    BOXES.save(tmp_path / "r.png", Image.new("RGB", (100, 90)))
+    assert Image.open(tmp_path / "r.png").size == (100, 90)
+
+
+def test_to_coco_boxes_polygons_quads_phrases_mixed_text():
+    cats: dict[str, int] = {}
+    recs = BOXES.to_coco(7, cats)
+    assert cats == {"star": 1, "disc": 2}
+    assert recs[0] == {
+        "image_id": 7,
+        "category_id": 1,
+        "category_name": "star",
+        "bbox": [10.0, 20.0, 50.0, 50.0],
+        "score": 0.9,
+        "area": 2500.0,
+    }
+    poly = Polygons([[[0, 0, 4, 0, 4, 3, 0, 3], [10, 10, 12, 10, 12, 12]]], ["star"], [0.5])
+    (rec,) = poly.to_coco(8, cats)
+    assert rec["category_id"] == 1 and rec["bbox"] == [0.0, 0.0, 12.0, 12.0]
+    assert rec["segmentation"] == [[0, 0, 4, 0, 4, 3, 0, 3], [10, 10, 12, 10, 12, 12]] and rec["area"] == 14.0
+    (rec,) = Quads([[0, 0, 10, 0, 10, 5, 0, 5]], ["HI"], None).to_coco(1)
+    assert rec["bbox"] == [0.0, 0.0, 10.0, 5.0] and rec["score"] is None and rec["category_name"] == "HI"
+    recs = Phrases(["a cat", "two dogs"], [[[0, 0, 1, 1]], [[2, 2, 3, 3], [4, 4, 6, 6]]], [0.3, 0.6]).to_coco(1)
+    assert [(r["category_name"], r["score"]) for r in recs] == [("a cat", 0.3), ("two dogs", 0.6), ("two dogs", 0.6)]
+    mixed = Mixed(boxes=Boxes([[0, 0, 2, 2]], ["a"], [0.4]), polygons=Polygons([[[0, 0, 2, 0, 2, 2]]], ["b"], [0.2]))
+    assert [r["category_name"] for r in mixed.to_coco(1)] == ["a", "b"]
+    assert Text("a cat", task="caption").to_coco(3) == [{"image_id": 3, "caption": "a cat"}]
+    assert Boxes([], [], []).to_coco(3) == []
+
+
+def test_supervision_arrays_and_optional_dependency():
+    arrays = supervision_arrays(BOXES)
+    np.testing.assert_allclose(arrays["xyxy"], [[10, 20, 60, 70], [5, 5, 20, 15]])
+    np.testing.assert_allclose(arrays["confidence"], [0.9, 0.25])
+    assert arrays["class_id"].tolist() == [0, 1] and arrays["data"]["class_name"].tolist() == ["star", "disc"]
+    empty = supervision_arrays(Text("x"))
+    assert empty["xyxy"].shape == (0, 4)
+    if importlib.util.find_spec("supervision") is None:
+        with pytest.raises(ImportError, match="pip install supervision"):
+            BOXES.to_supervision()
+    else:
+        det = BOXES.to_supervision()
+        assert len(det) == 2 and det.data["class_name"].tolist() == ["star", "disc"]
+
+
+def test_instances_and_summary():
+    assert [i.kind for i in instances(Mixed(boxes=BOXES))] == ["box", "box"]
+    assert summary(BOXES) == "2: star 0.90, disc 0.25"
+    assert summary(Label("cat")) == "cat"
+    assert summary(Boxes([], [], None)) == "nothing found"
