@@ -13,7 +13,7 @@ import pytest
 
 from fiore.data.sample import QA, Object, Sample
 from fiore.eval import evaluate, headline_metrics
-from fiore.eval.runner import _resolve_tasks
+from fiore.eval.runner import resolve_tasks
 
 pytest.importorskip("pycocotools")
 
@@ -331,4 +331,4 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(FakeFlorence([]), [], TASKS, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="no tasks"):
-        _resolve_tasks([])
+        resolve_tasks([])

@@ -352,3 +352,16 @@ def test_top1_accuracy():
     assert M.top1_accuracy(["Star", "circle "], ["star", "circle"]) == 1.0
     assert M.top1_accuracy([None, "square"], ["star", "circle"]) == 0.0
     assert M.top1_accuracy(["star", "square"], ["star", "circle"]) == 0.5
+
+
+@pytest.mark.slow
+def test_meteor_runs_with_java_when_asked():
+    if shutil.which("java") is None:
+        pytest.skip("METEOR needs Java, which is not installed")
+    m = M.caption_metrics(
+        ["a red star next to a blue circle", "two cats on a sofa"],
+        [["a red star and a blue circle"], ["two black cats sit on a sofa"]],
+        java=True,
+    )
+    assert isinstance(m["METEOR"], float) and 0.0 < m["METEOR"] < 1.0
+    assert m["SPICE"].startswith("skipped")

@@ -183,5 +183,38 @@ def serve(
     run(_load_florence(model, device), host=host, port=port, config=config)
 
 
+@app.command("eval")
+def eval_(
+    data: Path = typer.Option(..., "--data", "-d", help="dataset directory (images/, instances.json, ...)"),
+    tasks: str = typer.Option("all", "--tasks", "-t", help="comma-separated task names, or all"),
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="evaluate the first N images only"),
+    out: Path = typer.Option(Path("report.json"), "--out", "-o", help="report JSON; .md and predictions.jsonl beside"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
+    java: bool = typer.Option(False, "--java", help="also compute METEOR (needs Java)"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
+    from rich.console import Console
+
+    from fiore.data.readers import read_dataset
+    from fiore.eval.runner import evaluate, resolve_tasks
+
+    try:
+        samples = read_dataset(data)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{data}: {e}", param_hint="--data") from None
+    try:
+        task_list = resolve_tasks(None if tasks.strip() == "all" else tasks)
+    except (KeyError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    florence = _load_florence(model, device)
+    meta = {"model": model or "default", "data": str(data)}
+    report = evaluate(florence, samples, task_list, limit=limit, batch_size=batch_size, java=java, meta=meta)
+    report.print(Console())
+    paths = report.save(out)
+    typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['predictions']}")
+
+
 if __name__ == "__main__":
     app()

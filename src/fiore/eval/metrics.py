@@ -324,8 +324,8 @@ def caption_tokens(text: str) -> str:
 
 
 CAPTION_SKIPPED = {
-    "METEOR": "skipped (needs Java; pass java=True / --java)",
-    "SPICE": "skipped (needs Stanford CoreNLP models, never downloaded by fiore)",
+    "METEOR": "skipped: needs Java (java=True / --java)",
+    "SPICE": "skipped: needs CoreNLP models (not downloaded)",
 }
 
 
@@ -335,7 +335,7 @@ def caption_metrics(preds: Sequence[str], refs: Sequence[Sequence[str]], java: b
     Tokenisation is `caption_tokens` (Java-free PTB equivalent). CIDEr is on pycocoevalcap's scale (x10: identical
     captions score 10 when their n-grams are not shared by every image; its IDF is computed over this corpus, so a
     single-image corpus scores 0). METEOR runs only when java=True and a `java` binary exists, else it is reported
-    as a "skipped (...)" string, like SPICE always. NaN for no items.
+    as a "skipped: ..." string, like SPICE always. NaN for no items.
     """
     if len(preds) != len(refs):
         raise ValueError(f"caption_metrics: {len(preds)} preds but {len(refs)} reference lists")

@@ -18,7 +18,7 @@ from fiore.eval.report import Report, TaskReport
 from fiore.eval.scorers import Scorer, scorer_for
 
 
-def _resolve_tasks(tasks: Iterable[Any] | str | None) -> list[Any]:
+def resolve_tasks(tasks: Iterable[Any] | str | None) -> list[Any]:
     """Task objects from names ("od,caption" / ["od", ...]) or Task objects; None = the whole catalogue."""
     import fiore.tasks
 
@@ -140,7 +140,7 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    task_list = _resolve_tasks(tasks)
+    task_list = resolve_tasks(tasks)
     samples = list(samples)[:limit] if limit is not None else list(samples)
     runs = {t.name: _TaskRun(t, java) for t in task_list}
     records: list[dict[str, Any]] = []

@@ -1,0 +1,103 @@
+"""fiore.eval with the real task catalogue: every task has a metric, and an oracle engine that answers with the
+ground truth passed through the task's own serializer and parser (quantisation included) scores (nearly) 1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import fiore.tasks
+from fiore.data.sample import QA, Grounding, Object, Ref, Sample, TextItem
+from fiore.eval import evaluate
+from fiore.eval.scorers import SCORERS
+
+pytest.importorskip("pycocotools")
+
+
+def _rect(x1, y1, x2, y2):
+    return [x1, y1, x2, y1, x2, y2, x1, y2]
+
+
+def _sample(i: int) -> Sample:
+    W, H = 200, 160
+    dx = 7 * i
+    star = Object((10 + dx, 20, 60 + dx, 70), "star", [_rect(10 + dx, 20, 60 + dx, 70)], f"a big red star {i}")
+    circle = Object((100, 80, 150, 130), "circle", [_rect(100, 80, 150, 130)], "a small blue circle")
+    words = [
+        TextItem("HELLO", (20, 120, 80, 120, 80, 140, 20, 140), (20, 120, 80, 140)),
+        TextItem(f"NO {i}", (100, 20, 160, 20, 160, 40, 100, 40), (100, 20, 160, 40)),
+    ]
+    return Sample(
+        image_id=f"img{i}",
+        width=W,
+        height=H,
+        image=("image", i),
+        objects=[star, circle],
+        captions={
+            "caption": f"a red star and a blue circle number {i}",
+            "detailed_caption": f"the image shows a red star on the left and a blue circle {i}",
+            "more_detailed_caption": f"a large red star sits left of a small blue circle on gray, scene {i}",
+        },
+        texts=words,
+        refs=[Ref("the red star", 0), Ref("the blue circle", 1)],
+        groundings=[
+            Grounding("a red star and a blue circle", [("a red star", [star.box]), ("a blue circle", [circle.box])])
+        ],
+        qas=[QA("what colour is the star?", "red", answers=["red"] * 10)],
+        label="two shapes",
+        vocabulary=["star", "circle"],
+    )
+
+
+class OracleFlorence:
+    """Answers every prompt with the ground truth as the model would emit it: serialize, then parse."""
+
+    def __init__(self, samples):
+        self.by_image = {s.image: s for s in samples}
+
+    def _answer(self, task, sample, text=None, region=None):
+        for ex in task.examples(sample):
+            if ex.text == text and (region is None or tuple(ex.region) == tuple(region)):
+                raw = "</s><s>" + task.serialize(ex.target, sample.size) + "</s>"
+                return task.parse(raw, sample.size)
+        raise LookupError(f"no example of {task.name} for input {text!r} {region!r}")
+
+    def run(self, images, names):
+        return [{n: self._answer(fiore.tasks.get(n), self.by_image[im]) for n in names} for im in images]
+
+    def predict(self, images, task, text=None, region=None):
+        t = fiore.tasks.get(task)
+        texts = text or [None] * len(images)
+        regions = region or [None] * len(images)
+        return [self._answer(t, self.by_image[im], x, r) for im, x, r in zip(images, texts, regions, strict=True)]
+
+
+def test_every_catalogue_task_has_a_metric():
+    missing = [n for n in fiore.tasks.names() if n not in SCORERS]
+    assert not missing, f"tasks without a default metric: {missing}"
+
+
+def test_oracle_engine_scores_near_one_on_every_task(tmp_path):
+    samples = [_sample(i) for i in range(4)]
+    report = evaluate(OracleFlorence(samples), samples, None, batch_size=3, progress=False)
+    assert set(report.tasks) == set(fiore.tasks.names())
+    for name, t in report.tasks.items():
+        assert t.errors == 0, (name, t.error_messages)
+        assert t.examples > 0, name
+        for key in t.headline:
+            value = t.metrics[key]
+            assert not math.isnan(value), (name, key)
+            if key in ("CER", "WER"):
+                assert value == 0.0, (name, key)
+            elif key == "CIDEr":
+                assert value > 5.0, (name, value)  # x10 scale; shared n-grams across images lower the IDF
+            else:
+                assert value > 0.85, (name, key, value)  # quantisation to 1000 bins costs a little IoU
+    assert report.tasks["od"].metrics["mAP50"] == pytest.approx(1.0)
+    assert report.tasks["caption"].metrics["BLEU-4"] == pytest.approx(1.0)
+    assert report.tasks["vqa"].metrics["accuracy"] == 1.0
+    assert report.tasks["caption_to_phrase_grounding"].metrics["recall@1"] == 1.0
+    assert report.tasks["ocr_with_region"].metrics["F1"] == 1.0
+    report.save(tmp_path / "report.json")
+    assert (tmp_path / "predictions.jsonl").read_text().count("\n") == sum(t.samples for t in report.tasks.values())
