@@ -19,7 +19,7 @@ from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
 
 
 class FakeFlorence:
-    """`predict(images, task, text=None, region=None)` and `run(image, tasks)` like the real engine.
+    """`predict(images, task, text=None, region=None)` and `run(images, tasks)` like the real engine.
 
     `gate` (a threading.Event) blocks every predict call until set; `delay` sleeps per call. `calls` records
     (task, number of images) per predict call.
@@ -30,18 +30,32 @@ class FakeFlorence:
         self.calls: list[tuple[str, int]] = []
         self.lock = threading.Lock()
 
-    def run(self, image, tasks):
-        return {t: self.predict(image, t) for t in tasks}
+    def run(self, images, tasks):
+        """tasks: names, or {name: {"text": ..., "region": ...}}; like `Florence.run`."""
+        single = not isinstance(images, list)
+        images = [images] if single else images
+        spec = tasks if isinstance(tasks, dict) else {t: {} for t in tasks}
+        with self.lock:
+            self.calls.append(("run:" + ",".join(spec), len(images)))
+        self._wait()
+        out = [
+            {t: answer(im, registry.get(t).name, s.get("text"), s.get("region")) for t, s in spec.items()}
+            for im in images
+        ]
+        return out[0] if single else out
+
+    def _wait(self):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        if self.delay:
+            time.sleep(self.delay)
 
     def predict(self, images, task, text=None, region=None):
         single = not isinstance(images, list)
         images = [images] if single else images
         with self.lock:
             self.calls.append((task, len(images)))
-        if self.gate is not None:
-            self.gate.wait(timeout=30)
-        if self.delay:
-            time.sleep(self.delay)
+        self._wait()
         out = [answer(im, registry.get(task).name, text, region) for im in images]
         return out[0] if single else out
 

@@ -108,14 +108,23 @@ def predict_batch(florence, images: Sequence, task: str, text: str | None = None
     return out
 
 
-def run_jobs(florence, image, jobs: Sequence[Job]) -> dict:
-    """Every job on one image -> {task name: Result}. Input-free tasks go through `florence.run` when it exists,
-    so the image is encoded once for all of them."""
-    results = {}
-    plain = [name for name, text, region in jobs if text is None and region is None]
-    if len(plain) > 1 and hasattr(florence, "run"):
-        results.update(florence.run(image, plain))
+def run_batch(florence, images: Sequence, jobs: Sequence[Job]) -> list[dict]:
+    """The same jobs on every image -> one {task name: Result} per image, in one `florence.run` call: each image is
+    encoded once and all its tasks are decoded together."""
+    spec = {}
     for name, text, region in jobs:
-        if name not in results:
-            results[name] = predict_batch(florence, [image], name, text=text, region=region)[0]
-    return {name: results[name] for name, _, _ in jobs}
+        inputs = {}
+        if text is not None:
+            inputs["text"] = text
+        if region is not None:
+            inputs["region"] = list(region)
+        spec[name] = inputs
+    out = florence.run(list(images), spec)
+    if len(out) != len(images):
+        raise RuntimeError(f"run returned {len(out)} answers for {len(images)} images")
+    return [{name: answer[name] for name in spec} for answer in out]
+
+
+def run_jobs(florence, image, jobs: Sequence[Job]) -> dict:
+    """Every job on one image -> {task name: Result}, the image encoded once."""
+    return run_batch(florence, [image], jobs)[0]

@@ -2,10 +2,10 @@
 
 Requests are validated up front (sizes, tasks, inputs) so bad input gets a 4xx before it costs any compute; valid
 ones go into a bounded queue. One worker takes up to `max_batch` queued requests (waiting at most `max_wait_ms`
-for more once the first arrives), groups their jobs by (task, text, region) and runs each group as one batched
-`florence.predict` call in a thread, so the event loop keeps accepting requests while the model runs. A full
-queue answers 503 with Retry-After rather than letting latency grow without bound. The server only reads the
-bytes it is sent: it never fetches URLs.
+for more once the first arrives), groups requests asking the same (task, text, region) jobs and runs each group
+as one `florence.run(images, tasks)` call (each image encoded once, all rows decoded together) in a thread, so
+the event loop keeps accepting requests while the model runs. A full queue answers 503 with Retry-After rather
+than letting latency grow without bound. The server only reads the bytes it is sent: it never fetches URLs.
 """
 
 from __future__ import annotations
@@ -124,28 +124,26 @@ class Batcher:
                     job.future.set_result(outcome)
 
     def _execute(self, batch: list[Job]) -> list:
-        """Runs in the worker thread: one `predict` per distinct (task, text, region), over all images asking it."""
-        from fiore.jobs import predict_batch
+        """Runs in the worker thread: one `florence.run` per distinct job list, over all the images asking it."""
+        from fiore.jobs import run_batch
 
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(batch):
-            for key in job.tasks:
-                groups.setdefault(key, []).append(i)
-        outcomes: list = [{} for _ in batch]
-        for (task, text, region), members in groups.items():
+            groups.setdefault(tuple(job.tasks), []).append(i)
+        outcomes: list = [None] * len(batch)
+        for jobs, members in groups.items():
             images = [batch[i].image for i in members]
             try:
-                results = predict_batch(self.florence, images, task, text=text, region=list(region) if region else None)
+                answers = run_batch(self.florence, images, jobs)
             except Exception as e:  # one failing group must not take the others down
-                err = HTTPError(500, f"generation failed for task {task}: {type(e).__name__}: {e}")
+                err = HTTPError(500, f"generation failed: {type(e).__name__}: {e}")
                 for i in members:
                     outcomes[i] = err
                 continue
             self.batch_sizes[len(images)] += 1
-            for i, result in zip(members, results, strict=True):
-                if isinstance(outcomes[i], dict):
-                    outcomes[i][task] = result_json(result)
-                    batch[i].batch_sizes.append(len(images))
+            for i, answer in zip(members, answers, strict=True):
+                outcomes[i] = {name: result_json(result) for name, result in answer.items()}
+                batch[i].batch_sizes.append(len(images))
         return outcomes
 
 
@@ -268,7 +266,7 @@ async def parse_predict(request: Request, config: ServeConfig):
 
 
 def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
-    """The fastapi app serving `florence` (anything with `predict(images, task, text=, region=)`)."""
+    """The fastapi app serving `florence` (anything with `run(images, {task: {"text": .., "region": ..}})`)."""
     config = config or ServeConfig()
     batcher = Batcher(florence, config)
 
