@@ -101,3 +101,18 @@ def test_oracle_engine_scores_near_one_on_every_task(tmp_path):
     assert report.tasks["ocr_with_region"].metrics["F1"] == 1.0
     report.save(tmp_path / "report.json")
     assert (tmp_path / "predictions.jsonl").read_text().count("\n") == sum(t.samples for t in report.tasks.values())
+
+
+def test_oracle_engine_on_synthetic_scenes():
+    """The synthetic world's samples (exact masks, OCR quads, refs, groundings, VQA) go through every scorer."""
+    from fiore.data.synthetic import make_sample
+
+    samples = [make_sample(7, i) for i in range(3)]
+    for s in samples:
+        s.image = ("image", s.image_id)  # the oracle needs no pixels
+    report = evaluate(OracleFlorence(samples), samples, None, batch_size=2, progress=False)
+    assert all(t.errors == 0 for t in report.tasks.values()), {n: t.error_messages for n, t in report.tasks.items()}
+    head = report.headline()
+    assert head["od/mAP50"] == pytest.approx(1.0)
+    assert head["referring_expression_segmentation/mIoU"] > 0.85
+    assert head["ocr/CER"] == 0.0
