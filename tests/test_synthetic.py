@@ -218,7 +218,7 @@ def test_captions_label_groundings_and_vocabulary(scenes):
     for _, _, s in scenes:
         assert set(s.captions) == {"caption", "detailed_caption", "more_detailed_caption"}
         # The short caption counts every object once.
-        words = {w: i for i, w in enumerate(lexicon.NUMBER_WORDS)} | {"a": 1}
+        words = {w: i for i, w in enumerate(lexicon.NUMBER_WORDS)} | {"a": 1, "an": 1}
         counted = sum(words[m] for m in re.findall(r"(?:^|, | and )(\w+) ", s.captions["caption"]))
         assert counted == len(s.objects)
         (g,) = s.groundings

@@ -68,10 +68,15 @@ def plural(noun: str) -> str:
     return noun + "es" if noun.endswith(("s", "x", "sh", "ch")) else noun + "s"
 
 
+def article(word: str) -> str:
+    """ "a" or "an" before `word`."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def count_phrase(n: int, noun: str) -> str:
-    """ "a red star" / "two red stars"."""
+    """ "a red star" / "an orange star" / "two red stars"."""
     if n == 1:
-        return f"a {noun}"
+        return f"{article(noun)} {noun}"
     words = noun.split()
     words[-1] = plural(words[-1])
     return f"{NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else n} {' '.join(words)}"

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND_KINDS = ("solid", "gradient", "noise", "stripes")
+MIN_RING_AREA = 4.0  # px^2; smaller mask components (rasterization specks) get no polygon
 BACKGROUND_LEVELS = 64  # palette entries a gradient or noise background uses
 
 
@@ -162,7 +163,7 @@ def mask_polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0), tolerance:
         if len(ring) < 3:
             continue
         area = _signed_area(ring)
-        if area <= 0:  # holes run the other way round the outer rings
+        if area < MIN_RING_AREA:  # holes (negative: they run the other way round) and specks of a pixel or two
             continue
         ring = simplify(ring, tolerance)
         rings.append([round(float(v), 2) for v in ring.reshape(-1)])

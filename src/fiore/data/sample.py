@@ -22,6 +22,7 @@ class Object:
     polygons: list[list[float]] = field(default_factory=list)  # visible mask as flat rings [x1, y1, x2, y2, ...]
     description: str | None = None  # dense region caption, e.g. "large red star"
     attributes: dict[str, Any] = field(default_factory=dict)  # e.g. {"color": "red", "size": "large"}
+    rle: dict | None = None  # COCO RLE {"size": [h, w], "counts": str} when a dataset gives the mask that way
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Sample:
     qas: list[QA] = field(default_factory=list)
     label: str | None = None  # single classification label for the whole image
     vocabulary: list[str] = field(default_factory=list)  # open-vocabulary queries that apply to this image
+    reference_captions: list[str] = field(default_factory=list)  # all "caption" references (COCO: 5); empty = [caption]
 
     @property
     def size(self) -> tuple[int, int]:

@@ -354,4 +354,4 @@ def write_dataset(
             if progress is not None:
                 progress(k)
 
-    return write_samples(out_dir, stream(), file_prefix=f"s{seed}_")
+    return write_samples(out_dir, stream(), file_prefix=f"s{seed}_", categories=lexicon.SHAPES)
