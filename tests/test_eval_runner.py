@@ -332,3 +332,21 @@ def test_rejects_bad_arguments():
         evaluate(FakeFlorence([]), [], TASKS, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="no tasks"):
         resolve_tasks([])
+
+
+def test_max_new_tokens_is_forwarded_to_the_engine():
+    samples = [_sample(i) for i in range(2)]
+    seen = []
+
+    class Capped(FakeFlorence):
+        def run(self, images, names, **kw):
+            seen.append(("run", kw))
+            return super().run(images, names)
+
+        def predict(self, images, task, text=None, region=None, **kw):
+            seen.append((task, kw))
+            return super().predict(images, task, text, region)
+
+    report = evaluate(Capped(samples), samples, TASKS, progress=False, max_new_tokens=7)
+    assert seen and all(kw == {"max_new_tokens": 7} for _, kw in seen)
+    assert report.meta["max_new_tokens"] == 7

@@ -192,6 +192,7 @@ def eval_(
     out: Path = typer.Option(Path("report.json"), "--out", "-o", help="report JSON; .md and predictions.jsonl beside"),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     java: bool = typer.Option(False, "--java", help="also compute METEOR (needs Java)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation (all tasks)"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
@@ -210,7 +211,9 @@ def eval_(
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
     florence = _load_florence(model, device)
     meta = {"model": model or "default", "data": str(data)}
-    report = evaluate(florence, samples, task_list, limit=limit, batch_size=batch_size, java=java, meta=meta)
+    report = evaluate(
+        florence, samples, task_list, limit, batch_size, java=java, meta=meta, max_new_tokens=max_new_tokens
+    )
     report.print(Console())
     paths = report.save(out)
     typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['predictions']}")

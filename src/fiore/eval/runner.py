@@ -70,9 +70,9 @@ class _TaskRun:
         return self.report
 
 
-def _engine_run(florence, images: list, task_names: list[str]) -> list[dict[str, Any]]:
+def _engine_run(florence, images: list, task_names: list[str], options: dict) -> list[dict[str, Any]]:
     """florence.run over a list of images -> one {task name: Result} dict per image."""
-    out = florence.run(images, task_names)
+    out = florence.run(images, task_names, **options)
     if isinstance(out, dict):  # a single-image engine answer
         out = [out]
     if len(out) != len(images):
@@ -80,8 +80,8 @@ def _engine_run(florence, images: list, task_names: list[str]) -> list[dict[str,
     return [dict(o) for o in out]
 
 
-def _engine_predict(florence, task, images: list, texts: list, regions: list) -> list[Any]:
-    kwargs = {}
+def _engine_predict(florence, task, images: list, texts: list, regions: list, options: dict) -> list[Any]:
+    kwargs = dict(options)
     if any(t is not None for t in texts):
         kwargs["text"] = texts
     if any(r is not None for r in regions):
@@ -132,17 +132,21 @@ def evaluate(
     progress: bool = True,
     java: bool = False,
     meta: dict[str, Any] | None = None,
+    max_new_tokens: int | None = None,
 ) -> Report:
     """Evaluate `florence` on `samples` (fiore.data.Sample) for `tasks` (names, Task objects, or None = all).
 
     `limit` caps the number of samples; `batch_size` is the number of images (input-less tasks) or prompts (tasks
-    with inputs) per engine call; `java` enables METEOR. Returns the Report (call `.save(path)` to write it).
+    with inputs) per engine call; `java` enables METEOR; `max_new_tokens` caps generation for every task (default:
+    each task's own budget). `meta` is copied into the report. Returns the Report (`.save(path)` writes it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task_list = resolve_tasks(tasks)
     samples = list(samples)[:limit] if limit is not None else list(samples)
     runs = {t.name: _TaskRun(t, java) for t in task_list}
+    # Only options actually set are passed, so any engine with run/predict(images, task(s), text, region) works.
+    options = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
 
@@ -151,10 +155,10 @@ def evaluate(
         job = bar.add_task("evaluating", total=len(samples))
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
-            records += _evaluate_chunk(florence, chunk, task_list, runs, batch_size)
+            records += _evaluate_chunk(florence, chunk, task_list, runs, batch_size, options)
             bar.advance(job, len(chunk))
 
-    info = {"n_samples": len(samples), "tasks": [t.name for t in task_list], "batch_size": batch_size}
+    info = {"n_samples": len(samples), "tasks": [t.name for t in task_list], "batch_size": batch_size, **options}
     info["seconds"] = round(time.perf_counter() - start, 3)
     return Report({n: r.finish() for n, r in runs.items()}, {**(meta or {}), **info}, records)
 
@@ -172,7 +176,9 @@ def _progress(enabled: bool):
     )
 
 
-def _evaluate_chunk(florence, chunk: list, task_list: list, runs: dict[str, _TaskRun], batch_size: int) -> list:
+def _evaluate_chunk(
+    florence, chunk: list, task_list: list, runs: dict[str, _TaskRun], batch_size: int, options
+) -> list:
     """Predict and score every task on a chunk of samples; returns its prediction records."""
     images: dict[int, Any] = {}
     work: dict[tuple[int, str], dict[tuple, list]] = {}  # (sample index, task) -> input key -> examples
@@ -213,7 +219,9 @@ def _evaluate_chunk(florence, chunk: list, task_list: list, runs: dict[str, _Tas
                     failed[(k, t.name, (None, None))] = _message("model failed", chunk[k], e)
 
         names = [t.name for t in plain]
-        results = _isolating(lambda ks: _engine_run(florence, [images[k] for k in ks], names), wanted, on_image_error)
+        results = _isolating(
+            lambda ks: _engine_run(florence, [images[k] for k in ks], names, options), wanted, on_image_error
+        )
         for k, res in zip(wanted, results, strict=True):
             if res is None:
                 continue
@@ -236,7 +244,9 @@ def _evaluate_chunk(florence, chunk: list, task_list: list, runs: dict[str, _Tas
 
         def call(batch, t=t):
             imgs = [images[k] for k, _ in batch]
-            return _engine_predict(florence, t, imgs, [key[0] for _, key in batch], [key[1] for _, key in batch])
+            return _engine_predict(
+                florence, t, imgs, [key[0] for _, key in batch], [key[1] for _, key in batch], options
+            )
 
         for j in range(0, len(items), batch_size):
             batch = items[j : j + batch_size]
