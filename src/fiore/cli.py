@@ -133,7 +133,9 @@ def label(
     except (InputError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--task") from None
     if t.inputs == "region":
-        raise typer.BadParameter(f"task {t.name} needs a region per image; it cannot label a folder", "--task")
+        raise typer.BadParameter(
+            f"task {t.name} needs a region per image; it cannot label a folder", param_hint="--task"
+        )
     if t.inputs == "text" and not text:
         raise typer.BadParameter(f"task {t.name} needs --text", param_hint="--text")
     if not list_images(folder):
