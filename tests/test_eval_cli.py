@@ -1,0 +1,93 @@
+"""`fiore eval` end to end on a generated dataset on disk: write_dataset -> read_dataset -> engine -> report files.
+
+The engine here is an oracle (ground truth through each task's serializer and parser) so the numbers are known;
+tests/test_eval_model.py runs the same command with a tiny random model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import fiore.cli
+import fiore.data.readers
+import fiore.tasks
+from fiore.data.readers import read_dataset
+from fiore.data.synthetic import write_dataset
+from fiore.eval import evaluate
+
+pytest.importorskip("pycocotools")
+
+
+class DiskOracle:
+    """Answers with the ground truth of the sample whose (already loaded) image it is given."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def _sample(self, image):
+        for s in self.samples:
+            if s.image is image:
+                return s
+        raise LookupError("image of no known sample")
+
+    def _answer(self, task, image, text=None, region=None):
+        s = self._sample(image)
+        for ex in task.examples(s):
+            if ex.text == text and (region is None or tuple(ex.region) == tuple(region)):
+                return task.parse("</s><s>" + task.serialize(ex.target, s.size) + "</s>", s.size)
+        raise LookupError(f"no {task.name} example for {text!r} {region!r}")
+
+    def run(self, images, names, **_):
+        return [{n: self._answer(fiore.tasks.get(n), im) for n in names} for im in images]
+
+    def predict(self, images, task, text=None, region=None, **_):
+        t = fiore.tasks.get(task)
+        texts, regions = text or [None] * len(images), region or [None] * len(images)
+        return [self._answer(t, im, x, r) for im, x, r in zip(images, texts, regions, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "synth", 4, seed=11)
+
+
+def test_eval_on_dataset_read_from_disk(dataset):
+    samples = read_dataset(dataset)
+    report = evaluate(DiskOracle(samples), samples, "od,caption,vqa,ocr_with_region", batch_size=3, progress=False)
+    assert all(t.errors == 0 for t in report.tasks.values())
+    assert report.tasks["od"].metrics["mAP50"] == pytest.approx(1.0)
+    assert report.tasks["vqa"].metrics["accuracy"] == 1.0
+    assert report.tasks["ocr_with_region"].metrics["F1"] == 1.0
+
+
+def test_fiore_eval_command(dataset, tmp_path, monkeypatch):
+    samples = read_dataset(dataset)
+    # the command reads the directory itself; hand it the oracle's own Sample objects so images can be recognised
+    monkeypatch.setattr(fiore.data.readers, "read_dataset", lambda d: samples if str(d) == str(dataset) else None)
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device: DiskOracle(samples))
+    out = tmp_path / "run" / "report.json"
+    result = CliRunner().invoke(
+        fiore.cli.app,
+        ["eval", "--data", str(dataset), "--tasks", "od,caption,region_to_category", "--limit", "3", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "od" in result.output and "mAP" in result.output  # the per-task tables
+    report = json.loads(out.read_text())
+    assert report["meta"]["n_samples"] == 3 and report["meta"]["data"] == str(dataset)
+    assert report["tasks"]["od"]["metrics"]["mAP50"] == pytest.approx(1.0)
+    assert report["tasks"]["region_to_category"]["metrics"]["top1"] == 1.0
+    assert (out.parent / "report.md").read_text().startswith("# fiore evaluation")
+    lines = (out.parent / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 3
+    assert {json.loads(x)["task"] for x in lines} == {"od", "caption", "region_to_category"}
+
+
+def test_fiore_eval_rejects_bad_arguments(dataset, tmp_path):
+    runner = CliRunner()
+    bad_task = runner.invoke(fiore.cli.app, ["eval", "--data", str(dataset), "--tasks", "od,nope"])
+    assert bad_task.exit_code != 0 and "nope" in bad_task.output
+    bad_data = runner.invoke(fiore.cli.app, ["eval", "--data", str(tmp_path), "--tasks", "od"])
+    assert bad_data.exit_code != 0 and "fiore.jsonl" in bad_data.output  # names the files it looked for
