@@ -239,5 +239,24 @@ def synth(
     typer.echo(f"{out}: {n} images (seed {seed})")
 
 
+@app.command("tasks")
+def tasks_() -> None:
+    """List the tasks: name, token, input, prompt text and default output budget."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fiore import tasks
+
+    table = Table(title="fiore tasks")
+    for column in ("name", "token", "input", "prompt", "max new tokens"):
+        table.add_column(column)
+    for t in tasks.all():
+        table.add_row(t.name, t.token, t.inputs, t.template, str(t.max_new_tokens))
+    # piped output (and tests) get a wide table rather than wrapped task tokens
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
 if __name__ == "__main__":
     app()
