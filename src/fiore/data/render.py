@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND_KINDS = ("solid", "gradient", "noise", "stripes")
+POLYGON_TOLERANCE = 1.0  # px a simplified polygon may stray from the mask outline
 MIN_RING_AREA = 4.0  # px^2; smaller mask components (rasterization specks) get no polygon
 BACKGROUND_LEVELS = 64  # palette entries a gradient or noise background uses
 
@@ -34,28 +35,30 @@ def background(kind: str, width: int, height: int, rng: np.random.Generator) -> 
     a = background_color(rng)
     if kind == "solid":
         return np.zeros((height, width), dtype=np.uint8), a[None].astype(np.uint8)
-    levels = np.linspace(0.0, 1.0, BACKGROUND_LEVELS)[:, None]
     if kind == "noise":
         # Smooth blotches: a coarse random grid upsampled, so the noise never looks like an object edge.
         cell = int(rng.integers(12, 32))
         small = rng.uniform(0, 1, size=(height // cell + 2, width // cell + 2)).astype(np.float32)
         t = np.asarray(Image.fromarray(small, mode="F").resize((width, height), Image.BILINEAR))
         index = np.clip(t * (BACKGROUND_LEVELS - 1) + 0.5, 0, BACKGROUND_LEVELS - 1).astype(np.uint8)
-        return index, np.clip(a + (levels - 0.5) * 56, 0, 255).astype(np.uint8)
-    # Gradients and stripes both vary along one direction t: proj = x cos t + y sin t, built separably.
+        levels = np.linspace(-0.5, 0.5, BACKGROUND_LEVELS)[:, None]
+        return index, np.clip(a + levels * 56, 0, 255).astype(np.uint8)
+    # Gradients and stripes both vary along one direction t: u = x cos t + y sin t, built separably in float32
+    # (float floor/mod on whole images costs 50x more than this).
     b = background_color(rng)
     t = rng.uniform(0, 2 * np.pi)
-    proj = (np.arange(width, dtype=np.float32) * np.cos(t))[None, :] + (
-        np.arange(height, dtype=np.float32) * np.sin(t)
-    )[:, None]
+    ux = np.arange(width, dtype=np.float32) * np.float32(np.cos(t))
+    uy = np.arange(height, dtype=np.float32) * np.float32(np.sin(t))
+    ux -= ux.min()
+    uy -= uy.min()  # u >= 0 from here on
     if kind == "gradient":
-        w = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1.0)
-        index = (w * (BACKGROUND_LEVELS - 1) + 0.5).astype(np.uint8)
-        return index, (a + levels * (b - a)).astype(np.uint8)
+        scale = np.float32((BACKGROUND_LEVELS - 1) / max(float(ux.max() + uy.max()), 1.0))
+        index = ((ux * scale)[None, :] + (uy * scale + np.float32(0.5))[:, None]).astype(np.uint8)
+        return index, (a + np.linspace(0.0, 1.0, BACKGROUND_LEVELS)[:, None] * (b - a)).astype(np.uint8)
     b = np.clip(a + rng.choice([-1.0, 1.0]) * rng.uniform(18, 32), 0, 255)  # stripes: two close tones
-    period = rng.uniform(14, 40)
-    index = ((proj // (period / 2)) % 2).astype(np.uint8)
-    return index, np.stack([a, b]).astype(np.uint8)
+    scale = np.float32(2 / rng.uniform(14, 40))  # half a period per band
+    index = ((ux * scale)[None, :] + (uy * scale)[:, None]).astype(np.int32) & 1
+    return index.astype(np.uint8), np.stack([a, b]).astype(np.uint8)
 
 
 def to_rgb(index: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -99,10 +102,10 @@ def _signed_area(ring: np.ndarray) -> float:
 
 def _drop_collinear(ring: np.ndarray) -> np.ndarray:
     """Remove vertices that sit on the straight line through their neighbours (staircase runs of a traced mask)."""
-    prev, nxt = np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0)
-    a, b = ring - prev, nxt - ring
+    a = ring - np.concatenate([ring[-1:], ring[:-1]])  # from the previous vertex
+    b = np.concatenate([a[1:], a[:1]])  # to the next vertex
     turn = np.abs(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]) > 1e-9
-    return ring[turn] if turn.sum() >= 3 else ring
+    return ring[turn] if np.count_nonzero(turn) >= 3 else ring
 
 
 def simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
@@ -115,29 +118,28 @@ def simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
     n = len(ring)
     if n <= 4:
         return ring
-    closed = np.vstack([ring, ring[:1]])
-    far = int(np.argmax(((ring - ring[0]) ** 2).sum(1)))
-    kept = np.array([0, far, n])
+    z = ring[:, 0] + 1j * ring[:, 1]  # complex points: fewer numpy calls per round, which is what costs here
+    closed = np.concatenate([z, z[:1]])
+    kept = np.array([0, int(np.argmax(np.abs(z - z[0]))), n])
     idx = np.arange(n)
     while True:
+        ends = closed[kept]
+        d = ends[1:] - ends[:-1]
         seg = np.searchsorted(kept, idx, side="right") - 1  # segment of each vertex
-        a, b = closed[kept[seg]], closed[kept[seg + 1]]
-        d = b - a
-        norm = np.hypot(d[:, 0], d[:, 1])
-        rel = ring - a
-        cross = np.abs(d[:, 0] * rel[:, 1] - d[:, 1] * rel[:, 0])
-        dist = np.where(norm > 0, cross / np.where(norm > 0, norm, 1), np.hypot(rel[:, 0], rel[:, 1]))
+        # Distance to the segment's line; segment ends are distance 0, so they are never picked again.
+        dist = np.abs((np.conj(d[seg]) * (z - ends[seg])).imag) / np.maximum(np.abs(d), 1e-12)[seg]
         seg_max = np.maximum.reduceat(dist, kept[:-1])
-        hit = (dist == seg_max[seg]) & (dist > tolerance)
+        hit = (dist == seg_max[seg]) & (dist > tolerance)  # ties may add two vertices: harmless
         if not hit.any():
             break
-        segs, first = np.unique(seg[hit], return_index=True)
-        kept = np.union1d(kept, idx[hit][first])
+        kept = np.sort(np.concatenate([kept, idx[hit]]))
     out = ring[kept[:-1]]
     return out if len(out) >= 3 else ring
 
 
-def mask_polygons(mask: np.ndarray, offset: tuple[int, int] = (0, 0), tolerance: float = 1.0) -> list[list[float]]:
+def mask_polygons(
+    mask: np.ndarray, offset: tuple[int, int] = (0, 0), tolerance: float = POLYGON_TOLERANCE
+) -> list[list[float]]:
     """Outer rings of a boolean mask as flat [x1, y1, x2, y2, ...] lists in pixel-corner coordinates.
 
     The ring follows the pixel boundary (marching squares at level 0.5 of the mask, diagonal steps cutting pixel
