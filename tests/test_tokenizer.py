@@ -98,3 +98,29 @@ def test_reference_ids():
     ]
     # the space before an added token is its own token (1437), as in the official processor
     assert tok.encode("the region <loc_52>")[1:] == [976, 1437, 50321]
+
+
+def test_ids_match_transformers_on_small_bpe(trained, tmp_path):
+    """vocab.json + merges.txt of a small BPE, loaded by transformers' BART tokenizer with the Florence-2 tokens
+    added the way the official processor adds them, gives the same ids as ours on the same files."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken
+
+    trained.save(tmp_path / "full")
+    model = json.loads((tmp_path / "full" / "tokenizer.json").read_text())["model"]
+    vocab = dict(model["vocab"])
+    vocab[MASK] = len(vocab)  # BART keeps <mask> as the last base-vocabulary entry
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    ours = Tokenizer.from_dir(tmp_path)
+    theirs = transformers.BartTokenizerFast.from_pretrained(str(tmp_path))
+    theirs.add_special_tokens({"additional_special_tokens": FLORENCE_TOKENS})
+    theirs.add_tokens(AddedToken(IMAGE, special=True, normalized=False), special_tokens=True)
+    assert ours.vocab_size == len(theirs)
+    for t in BASE_SPECIALS + [MASK, IMAGE, "<od>", "<loc_0>", "<loc_999>", "<sep>", "<and>"]:
+        assert ours.token_to_id(t) == theirs.convert_tokens_to_ids(t), t
+    for text in CORPUS[:5] + ["<s>What is the region <loc_1><loc_2><loc_3><loc_4>?</s>", "two  spaces\nnewline <poly>"]:
+        ids = theirs(text, add_special_tokens=False).input_ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
