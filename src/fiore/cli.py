@@ -258,5 +258,26 @@ def tasks_() -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
+@app.command()
+def convert(
+    src: Path = typer.Argument(
+        ..., help="checkpoint directory (native or original layout)", exists=True, file_okay=False
+    ),
+    dst: Path = typer.Argument(..., help="output directory (new or empty)"),
+    to: str = typer.Option("native", "--to", help="native (transformers) or original (Microsoft remote code)"),
+) -> None:
+    """Convert a checkpoint between Microsoft's original layout and transformers' native one."""
+    from fiore.convert import convert as run
+
+    if to not in ("native", "original"):
+        raise typer.BadParameter(f"unknown format {to!r}; use native or original", param_hint="--to")
+    try:
+        run(src, dst, to)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {to} checkpoint {dst}")
+
+
 if __name__ == "__main__":
     app()
