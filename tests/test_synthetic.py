@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from fiore.data import lexicon
@@ -264,3 +266,20 @@ def test_generation_is_fast():
     per_sample = (time.process_time() - start) / 50
     print(f"synthetic generation: {per_sample * 1e3:.2f} ms/sample (CPU time)")
     assert per_sample < 0.03  # loose: a shared CI core; measured ~4 ms on an idle core
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), index=st.integers(0, 10**9))
+def test_any_seed_and_index_give_a_valid_scene(seed, index):
+    s = make_sample(seed, index)
+    assert _fingerprint(s) == _fingerprint(make_sample(seed, index))
+    for o in s.objects:
+        assert 0 <= o.box[0] < o.box[2] <= s.width and 0 <= o.box[1] < o.box[3] <= s.height
+        for ring in o.polygons:
+            assert min(ring[::2]) >= o.box[0] and max(ring[::2]) <= o.box[2]
+            assert min(ring[1::2]) >= o.box[1] and max(ring[1::2]) <= o.box[3]
+    for r in s.refs:
+        assert _resolve(r.expression, s) == [r.object_index]
+    for t in s.texts:
+        q = np.array(t.quad).reshape(4, 2)
+        assert q[:, 0].min() >= 0 and q[:, 0].max() <= s.width and q[:, 1].min() >= 0 and q[:, 1].max() <= s.height

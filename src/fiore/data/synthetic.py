@@ -258,8 +258,6 @@ def _objects(placed: list[_Placed], z: np.ndarray) -> list[Object]:
         visible = z[y0 : y0 + p.mask.shape[0], x0 : x0 + p.mask.shape[1]] == k
         bx1, by1, bx2, by2 = render.mask_box(visible)
         box = (float(bx1 + x0), float(by1 + y0), float(bx2 + x0), float(by2 + y0))
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        position = lexicon.POSITIONS[min(int(3 * cy / height), 2)][min(int(3 * cx / width), 2)]
         out.append(
             Object(
                 box=box,
@@ -270,7 +268,7 @@ def _objects(placed: list[_Placed], z: np.ndarray) -> list[Object]:
                     "shape": p.shape,
                     "color": p.color,
                     "size": p.size,
-                    "position": position,
+                    "position": describe.position_of(box, width, height),
                     "area": int(np.count_nonzero(visible)),
                     "z": k,
                 },
