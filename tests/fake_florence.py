@@ -28,15 +28,17 @@ class FakeFlorence:
     def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
         self.delay, self.gate = delay, gate
         self.calls: list[tuple[str, int]] = []
+        self.generation: list[dict] = []  # keyword options (max_new_tokens, ...) per call
         self.lock = threading.Lock()
 
-    def run(self, images, tasks):
+    def run(self, images, tasks, **generation):
         """tasks: names, or {name: {"text": ..., "region": ...}}; like `Florence.run`."""
         single = not isinstance(images, list)
         images = [images] if single else images
         spec = tasks if isinstance(tasks, dict) else {t: {} for t in tasks}
         with self.lock:
             self.calls.append(("run:" + ",".join(spec), len(images)))
+            self.generation.append(generation)
         self._wait()
         out = [
             {t: answer(im, registry.get(t).name, s.get("text"), s.get("region")) for t, s in spec.items()}
@@ -50,11 +52,12 @@ class FakeFlorence:
         if self.delay:
             time.sleep(self.delay)
 
-    def predict(self, images, task, text=None, region=None):
+    def predict(self, images, task, text=None, region=None, **generation):
         single = not isinstance(images, list)
         images = [images] if single else images
         with self.lock:
             self.calls.append((task, len(images)))
+            self.generation.append(generation)
         self._wait()
         out = [answer(im, registry.get(task).name, text, region) for im in images]
         return out[0] if single else out

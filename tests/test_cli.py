@@ -50,6 +50,9 @@ def test_predict_table_and_outputs(fake, tmp_path):
         drawn = Image.open(tmp_path / "out" / f"scene.{task}.png")
         assert drawn.size == image.size
     assert fake.calls == [("run:od,caption", 1)]  # one engine call: the image is encoded once
+    assert fake.generation == [{}]  # no cap: each task's own budget
+    r = invoke("predict", SCENE, "--task", "od", "--max-new-tokens", "5")
+    assert r.exit_code == 0 and fake.generation[-1] == {"max_new_tokens": 5}
 
 
 def test_predict_all_inputs_and_coco(fake, tmp_path):
@@ -147,11 +150,26 @@ def test_serve_command_builds_config(fake, monkeypatch):
     monkeypatch.setattr(fiore.serve, "serve", lambda florence, host, port, config: seen.update(locals()))
     r = runner.invoke(
         app,
-        ["serve", "--port", "9123", "--max-batch", "4", "--max-queue", "7", "--max-upload-mb", "1", "--model", "m"],
+        [
+            "serve",
+            "--port",
+            "9123",
+            "--max-batch",
+            "4",
+            "--max-queue",
+            "7",
+            "--max-upload-mb",
+            "1",
+            "--model",
+            "m",
+            "--max-new-tokens",
+            "32",
+        ],
         env={"FIORE_API_KEY": "k"},
     )
     assert r.exit_code == 0, r.output
     assert seen["florence"] is fake and seen["port"] == 9123 and seen["host"] == "127.0.0.1"
     config = seen["config"]
     assert (config.max_batch, config.max_queue, config.max_upload_bytes, config.api_key) == (4, 7, 2**20, "k")
+    assert config.max_new_tokens == 32
     assert fake.loaded == [("m", "cpu")]

@@ -55,6 +55,7 @@ def predict(
     out: Path | None = typer.Option(None, "--out", "-o", help="write annotated images and JSON here"),
     format: str = typer.Option("json", "--format", help="json (one file per image) or coco (one file)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
 ) -> None:
     """Run tasks on images: a table on the terminal; annotated images and JSON in --out."""
     import json
@@ -83,7 +84,7 @@ def predict(
     coco = {"images": [], "annotations": [], "categories": []}
     categories: dict[str, int] = {}
     for image_id, (path, image, jobs) in enumerate(loaded, start=1):
-        results = run_jobs(florence, image, jobs)
+        results = run_jobs(florence, image, jobs, max_new_tokens)
         table = Table(title=f"{path} ({image.width}x{image.height})")
         for column in ("task", "answer", "score"):
             table.add_column(column)
@@ -121,6 +122,7 @@ def label(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     threshold: float = typer.Option(0.0, "--threshold", help="drop detections scoring below this"),
     device: str = typer.Option("cpu", "--device"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per image"),
 ) -> None:
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -153,6 +155,7 @@ def label(
             batch_size=batch_size,
             threshold=threshold,
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+            max_new_tokens=max_new_tokens,
         )
     typer.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
 
@@ -169,6 +172,7 @@ def serve(
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1),
     api_key: str | None = typer.Option(None, "--api-key", envvar="FIORE_API_KEY", help="require X-API-Key"),
     device: str = typer.Option("cpu", "--device"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
 ) -> None:
     """HTTP server: POST /v1/predict, GET /v1/tasks, a web page at /, OpenAPI at /docs."""
     from fiore.serve import ServeConfig
@@ -181,6 +185,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=max_pixels,
         api_key=api_key,
+        max_new_tokens=max_new_tokens,
     )
     run(_load_florence(model, device), host=host, port=port, config=config)
 

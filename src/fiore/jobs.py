@@ -94,9 +94,12 @@ def make_jobs(task_names: Sequence[str], text: str | None, region, image_size: t
     return jobs
 
 
-def predict_batch(florence, images: Sequence, task: str, text: str | None = None, region=None) -> list:
-    """`florence.predict` over a list of images, always returning a list of Results (one per image)."""
-    kwargs = {}
+def predict_batch(
+    florence, images: Sequence, task: str, text: str | None = None, region=None, max_new_tokens: int | None = None
+) -> list:
+    """`florence.predict` over a list of images, always returning a list of Results (one per image).
+    `max_new_tokens` caps generation (None: each task's own budget)."""
+    kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if text is not None:
         kwargs["text"] = text
     if region is not None:
@@ -108,9 +111,9 @@ def predict_batch(florence, images: Sequence, task: str, text: str | None = None
     return out
 
 
-def run_batch(florence, images: Sequence, jobs: Sequence[Job]) -> list[dict]:
+def run_batch(florence, images: Sequence, jobs: Sequence[Job], max_new_tokens: int | None = None) -> list[dict]:
     """The same jobs on every image -> one {task name: Result} per image, in one `florence.run` call: each image is
-    encoded once and all its tasks are decoded together."""
+    encoded once and all its tasks are decoded together. `max_new_tokens` caps every task's generation."""
     spec = {}
     for name, text, region in jobs:
         inputs = {}
@@ -119,12 +122,13 @@ def run_batch(florence, images: Sequence, jobs: Sequence[Job]) -> list[dict]:
         if region is not None:
             inputs["region"] = list(region)
         spec[name] = inputs
-    out = florence.run(list(images), spec)
+    kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    out = florence.run(list(images), spec, **kwargs)
     if len(out) != len(images):
         raise RuntimeError(f"run returned {len(out)} answers for {len(images)} images")
     return [{name: answer[name] for name in spec} for answer in out]
 
 
-def run_jobs(florence, image, jobs: Sequence[Job]) -> dict:
+def run_jobs(florence, image, jobs: Sequence[Job], max_new_tokens: int | None = None) -> dict:
     """Every job on one image -> {task name: Result}, the image encoded once."""
-    return run_batch(florence, [image], jobs)[0]
+    return run_batch(florence, [image], jobs, max_new_tokens)[0]

@@ -123,10 +123,12 @@ def label_folder(
     batch_size: int = 8,
     threshold: float = 0.0,
     on_progress: Callable[[int, int], None] | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
 
-    Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch.
+    Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch;
+    `max_new_tokens` caps generation per image (None: the task's own budget).
     """
     from fiore.draw import to_coco
     from fiore.jobs import open_image, predict_batch
@@ -156,7 +158,7 @@ def label_folder(
             except Exception as e:  # a broken file must not stop a thousand-image run
                 warnings.warn(f"skipping {name}: {e}", stacklevel=2)
                 records.append({"file_name": name, "error": str(e)})
-        results = predict_batch(florence, images, task, text=text) if images else []
+        results = predict_batch(florence, images, task, text, None, max_new_tokens) if images else []
         for name, image, result in zip(ok, images, results, strict=True):
             anns = [{k: v for k, v in a.items() if k != "image_id"} for a in to_coco(result, 0)]
             records.append({"file_name": name, "width": image.width, "height": image.height, "annotations": anns})

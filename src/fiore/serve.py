@@ -40,6 +40,7 @@ class ServeConfig:
     max_tasks: int = 16
     api_key: str | None = None
     retry_after_s: int = 1
+    max_new_tokens: int | None = None  # cap on tokens generated per task (None: each task's own budget)
 
 
 class HTTPError(Exception):
@@ -134,7 +135,7 @@ class Batcher:
         for jobs, members in groups.items():
             images = [batch[i].image for i in members]
             try:
-                answers = run_batch(self.florence, images, jobs)
+                answers = run_batch(self.florence, images, jobs, self.config.max_new_tokens)
             except Exception as e:  # one failing group must not take the others down
                 err = HTTPError(500, f"generation failed: {type(e).__name__}: {e}")
                 for i in members:
