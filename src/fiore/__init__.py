@@ -2,6 +2,7 @@
 
 from fiore import tasks
 from fiore.config import ModelConfig, TextConfig, VisionConfig, preset
+from fiore.florence import Florence, load
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "preset", "tasks"]
+__all__ = ["Florence", "ModelConfig", "TextConfig", "VisionConfig", "load", "preset", "tasks"]
 __version__ = "0.1.0"

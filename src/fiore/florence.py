@@ -1,0 +1,97 @@
+"""`Florence`: a loaded model with its config, tokenizer and processor — the object `fiore.load` returns."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from fiore.checkpoint import CheckpointError, has_tokenizer_files, load_model, save_checkpoint, tokenizer_files
+from fiore.config import ModelConfig
+from fiore.model import FlorenceModel
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("fiore") / "default_model"))
+
+
+class Florence:
+    """A model plus what it needs to read prompts and images. Tokenizer and processor are built on first use."""
+
+    def __init__(
+        self, model: FlorenceModel, config: ModelConfig, source: str | Path | None = None, tokenizer=None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.source = Path(source) if source is not None else None  # the checkpoint directory, if any
+        self._tokenizer = tokenizer
+        self._processor = None
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Florence:
+        """Load a checkpoint directory (either Florence-2 format); no path = the model shipped with fiore."""
+        if path is None:
+            path = default_model_dir()
+            if not (path / "config.json").exists():
+                raise CheckpointError(
+                    f"no default model is shipped in this installation ({path} is missing); "
+                    "pass a checkpoint directory to fiore.load(path)"
+                )
+        model, config = load_model(path, device=device, dtype=dtype)
+        return cls(model, config, source=path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def tokenizer(self):
+        """`fiore.tokenizer.Tokenizer` read from the checkpoint directory."""
+        if self._tokenizer is None:
+            if self.source is None or not has_tokenizer_files(self.source):
+                where = f"checkpoint {self.source}" if self.source is not None else "this in-memory model"
+                raise CheckpointError(
+                    f"{where} has no tokenizer files (tokenizer.json): the model is loaded, but prompts cannot be "
+                    "tokenized nor a processor built; save a tokenizer into the directory or pass one to Florence"
+                )
+            from fiore.tokenizer import Tokenizer  # imported lazily: only needed once text is involved
+
+            self._tokenizer = Tokenizer.from_dir(self.source)
+        return self._tokenizer
+
+    @property
+    def processor(self):
+        """`fiore.processor.Processor` for this model's tokenizer and input size."""
+        if self._processor is None:
+            from fiore.processor import Processor
+
+            self._processor = Processor(self.tokenizer, self.config.image_size)
+        return self._processor
+
+    def save(self, path: str | Path) -> Path:
+        """Write a transformers-native checkpoint directory (config, weights and tokenizer files)."""
+        path = Path(path)
+        save_checkpoint(self.model, self.config, path, tokenizer=self._tokenizer)
+        if self._tokenizer is None and self.source is not None and self.source.resolve() != path.resolve():
+            for f in tokenizer_files(self.source):  # tokenizer never loaded: carry its files over unchanged
+                shutil.copy2(f, path / f.name)
+        return path
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"Florence({n / 1e6:.1f}M params, {self.dtype}, {self.device}, source={self.source})"
+
+
+def load(
+    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Florence:
+    """Load a Florence-2 checkpoint directory; with no path, the default model shipped in `fiore/default_model/`."""
+    return Florence.load(path, device=device, dtype=dtype)

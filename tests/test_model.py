@@ -1,0 +1,239 @@
+"""fiore's Florence-2 against transformers' native Florence2 (random weights), plus padding, cache, dtypes and
+gradient checkpointing on the tiny preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from florence_oracle import NATIVE_VOCAB, fiore_greedy, hf_inputs, hf_model, prompt_ids
+
+import fiore
+from fiore.config import preset
+from fiore.model import DecoderCache, FlorenceModel
+
+pytest.importorskip("transformers", reason="transformers is the numerical oracle (dev extra)")
+
+TOL = 1e-4
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, fiore.Florence loaded from its save_pretrained directory) for the tiny preset."""
+    config = preset("tiny").replace(text={"vocab_size": NATIVE_VOCAB})
+    hf = hf_model(config)
+    path = tmp_path_factory.mktemp("hf_tiny")
+    hf.save_pretrained(path)
+    return hf, fiore.load(path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A fiore tiny model with its own (BART-style, std 0.02) init: logits at the scale of a real model (~4)."""
+    torch.manual_seed(0)
+    return FlorenceModel(preset("tiny").replace(text={"vocab_size": NATIVE_VOCAB})).eval()
+
+
+def compare(hf, model, pixel_values, prompt, dec_len=6):
+    with torch.no_grad():
+        feats_hf = hf.model.get_image_features(pixel_values).pooler_output
+        feats = model.encode_image(pixel_values)
+        assert max_diff(feats, feats_hf) < TOL
+        ids, mask = hf_inputs(prompt, feats.shape[1])
+        dec = prompt_ids(prompt.shape[0], dec_len, NATIVE_VOCAB, seed=7)
+        dec[:, 0] = 2
+        out = hf(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, decoder_input_ids=dec)
+        hidden, enc_mask = model.encode(feats, prompt)
+        assert enc_mask.all() and enc_mask.shape == ids.shape
+        assert max_diff(hidden, out.encoder_last_hidden_state) < TOL
+        logits = model(pixel_values, prompt, dec)
+        assert logits.dtype == torch.float32
+        assert max_diff(logits, out.logits) < TOL
+    return feats
+
+
+def test_tiny_matches_transformers(pair):
+    hf, florence = pair
+    assert florence.config.vision.window_size == 8  # read from the native config, not defaulted
+    torch.manual_seed(0)
+    feats = compare(hf, florence.model, torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB))
+    assert feats.shape == (2, 1 + 8 * 8, 256)
+
+
+def test_non_square_input_matches_transformers(pair):
+    hf, florence = pair
+    torch.manual_seed(1)
+    # 256x384 -> 8x12 feature cells; window 8 pads the 12-wide maps, exercising the padding path too.
+    feats = compare(hf, florence.model, torch.randn(1, 3, 256, 384), prompt_ids(1, 5, NATIVE_VOCAB))
+    assert feats.shape == (1, 1 + 8 * 12, 256)
+
+
+def test_feature_map_beyond_position_table_is_rejected(pair):
+    _, florence = pair
+    with pytest.raises(ValueError, match="position table"):
+        florence.model.encode_image(torch.randn(1, 3, 32, 32 * 51))
+
+
+def test_greedy_tokens_match_transformers(pair):
+    hf, florence = pair
+    torch.manual_seed(2)
+    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 9, NATIVE_VOCAB, seed=3)
+    ids, mask = hf_inputs(prompt, 65)
+    with torch.no_grad():
+        # min_new_tokens keeps EOS out (random weights would stop at once); the 31st token is transformers'
+        # forced EOS, so 30 generated tokens are compared.
+        ref = hf.generate(
+            input_ids=ids, pixel_values=pixel_values, attention_mask=mask, max_new_tokens=31, min_new_tokens=31
+        )
+    ours = fiore_greedy(florence.model, pixel_values, prompt, steps=30)
+    assert torch.equal(ours, ref[:, :31])
+
+
+def test_padded_batch_rows_equal_rows_alone(model):
+    m = model
+    torch.manual_seed(3)
+    pixel_values = torch.randn(2, 3, 256, 256)
+    long, short = prompt_ids(1, 10, NATIVE_VOCAB, seed=4), prompt_ids(1, 6, NATIVE_VOCAB, seed=5)
+    batch = torch.ones(2, 10, dtype=torch.long)  # pad id 1, right padding
+    batch[0], batch[1, :6] = long[0], short[0]
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[0], mask[1, :6] = 1, 1
+    dec = prompt_ids(2, 7, NATIVE_VOCAB, seed=6)
+    with torch.no_grad():
+        both = m(pixel_values, batch, dec, attention_mask=mask)
+        alone0 = m(pixel_values[:1], long, dec[:1])
+        alone1 = m(pixel_values[1:], short, dec[1:])
+        unmasked = m(pixel_values, batch, dec)
+    assert max_diff(both[0], alone0[0]) < 1e-5
+    assert max_diff(both[1], alone1[0]) < 1e-5
+    assert max_diff(unmasked[1], alone1[0]) > 1e-3  # the mask is what makes row 1 independent of its padding
+
+
+def test_cached_decoding_equals_full_decode(model):
+    m = model
+    torch.manual_seed(4)
+    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    dec = prompt_ids(2, 9, NATIVE_VOCAB, seed=8)
+    with torch.no_grad():
+        hidden, enc_mask = m.encode(m.encode_image(pixel_values), prompt, mask)
+        full = m.logits(m.decode(dec, hidden, enc_mask))
+        cache = m.new_cache(hidden, enc_mask, max_length=12)
+        assert isinstance(cache, DecoderCache) and cache.length == 0 and cache.max_length == 12
+        prefix = m.logits(m.decode(dec[:, :3], None, None, cache))  # a multi-token step first
+        steps = [m.logits(m.decode(dec[:, i : i + 1], None, None, cache)) for i in range(3, 9)]
+        assert cache.length == 9
+        with pytest.raises(ValueError, match="cache is full"):
+            m.decode(torch.ones(2, 4, dtype=torch.long), None, None, cache)
+    assert max_diff(torch.cat([prefix, *steps], dim=1), full) < 1e-5
+
+
+def test_cache_select_reorders_and_expands_rows(model):
+    m = model
+    torch.manual_seed(5)
+    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB)
+    dec = prompt_ids(2, 5, NATIVE_VOCAB, seed=9)
+    with torch.no_grad():
+        hidden, enc_mask = m.encode(m.encode_image(pixel_values), prompt)
+        full = m.logits(m.decode(dec, hidden, enc_mask))
+        cache = m.new_cache(hidden, enc_mask, max_length=8)
+        m.decode(dec[:, :3], None, None, cache)
+        index = torch.tensor([1, 0, 1])  # swap rows and duplicate one (beam search / many tasks per prefill)
+        assert cache.select(index) is cache and cache.batch_size == 3 and cache.length == 3
+        rest = m.logits(m.decode(dec[index, 3:], None, None, cache))
+    assert max_diff(rest, full[index, 3:]) < 1e-5
+
+
+def test_encoder_output_is_reusable_for_many_prompts_via_select(pair):
+    """One prefill per image, then rows expanded to N tasks: logits equal per-row decoding."""
+    _, florence = pair
+    m = florence.model
+    torch.manual_seed(6)
+    pixel_values, prompt = torch.randn(1, 3, 256, 256), prompt_ids(1, 6, NATIVE_VOCAB)
+    with torch.no_grad():
+        hidden, enc_mask = m.encode(m.encode_image(pixel_values), prompt)
+        cache = m.new_cache(hidden, enc_mask, max_length=4).select(torch.zeros(3, dtype=torch.long))
+        dec = torch.tensor([[2], [0], [5]])
+        many = m.logits(m.decode(dec, None, None, cache))
+        one = m.logits(m.decode(dec, hidden.expand(3, -1, -1), enc_mask.expand(3, -1)))
+    assert max_diff(many, one) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward(pair, dtype):
+    _, florence = pair
+    m32 = florence.model
+    m = FlorenceModel(m32.config)
+    m.load_state_dict(m32.state_dict())
+    m = m.to(dtype).eval()
+    assert m.lm_head.weight is m.language_model.shared.weight
+    torch.manual_seed(7)
+    pixel_values, prompt, dec = torch.randn(1, 3, 256, 256), prompt_ids(1, 8, NATIVE_VOCAB), prompt_ids(1, 4, 999)
+    with torch.no_grad():
+        ref = m32(pixel_values, prompt, dec)
+        out = m(pixel_values, prompt, dec)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    # Low precision: only a loose agreement is meaningful (bf16 has ~3 significant digits).
+    assert max_diff(out, ref) < 0.05 * ref.abs().max().item() + 0.1
+
+
+def test_gradient_checkpointing_gives_equal_gradients():
+    torch.manual_seed(0)
+    config = preset("tiny").replace(text={"vocab_size": 1000})
+    model = FlorenceModel(config).train()  # train mode: dropout and drop-path active, RNG replayed on recompute
+    pixel_values = torch.randn(2, 3, 256, 256)
+    prompt, dec = prompt_ids(2, 6, 1000), prompt_ids(2, 5, 1000, seed=2)
+
+    def grads(enabled: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.set_gradient_checkpointing(enabled)
+        torch.manual_seed(123)
+        logits = model(pixel_values, prompt, dec)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), dec.roll(-1, 1).flatten()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert set(plain) == set(ckpt)
+    assert all(g.abs().sum() > 0 for n, g in plain.items() if "vision_tower" in n and "weight" in n)
+    worst = max(max_diff(plain[n], ckpt[n]) for n in plain)
+    assert worst < 1e-5
+
+
+def test_gradient_checkpointing_wraps_davit_blocks_and_text_layers(monkeypatch):
+    import fiore.model.davit as davit
+    import fiore.model.text as text
+
+    calls = []
+
+    def spy(fn, *args, **kwargs):
+        calls.append(type(fn).__name__)
+        return fn(*args)
+
+    monkeypatch.setattr(davit, "checkpoint", spy)
+    monkeypatch.setattr(text, "checkpoint", spy)
+    config = preset("tiny").replace(text={"vocab_size": 100})
+    model = FlorenceModel(config)
+    model.set_gradient_checkpointing(True)
+    model(torch.randn(1, 3, 64, 64), torch.tensor([[0, 5, 2]]), torch.tensor([[2, 7]])).sum().backward()
+    assert calls.count("Block") == sum(config.vision.depths)
+    assert calls.count("EncoderLayer") == config.text.encoder_layers
+    assert calls.count("DecoderLayer") == config.text.decoder_layers
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64), torch.tensor([[0, 5, 2]]), torch.tensor([[2, 7]]))
+    assert calls == []  # nothing to save memory for without gradients
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = FlorenceModel(preset("tiny").replace(text={"vocab_size": 100})).eval()
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.encode_image(torch.randn(3, 64, 64))
+    feats = model.encode_image(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.encode(feats, torch.tensor([[0, 5, 2]]), torch.tensor([[1, 1]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.new_cache(*model.encode(feats, torch.tensor([[0, 5, 2]])), max_length=5000)
