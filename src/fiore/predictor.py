@@ -1,0 +1,316 @@
+"""Inference on top of the decoding loop: images + tasks -> typed Results, and closed-set label scoring.
+
+Work is organised around the image encoding, which is the expensive part (the vision tower is compute bound):
+every image goes through the vision tower once; each (image, task) pair becomes one *row* whose prompt is encoded
+with that image's features; rows are decoded together in one batch, so the decoder's weights (read from memory
+once per step, whatever the batch) are shared by all tasks and images of the batch.
+
+    predict(florence, image, "od")                    -> Result
+    predict(florence, [im1, im2], "caption")          -> [Result, Result]
+    run(florence, image, ["caption", "od", "ocr"])    -> {"caption": Result, ...}   one vision pass
+    classify(florence, image, ["cat", "dog"])         -> Label (ranked candidates with probabilities)
+
+Scores: structured instances get exp(mean log-prob of their tokens) and results a sequence score (see
+`fiore.tasks.parsers`); the log-probs come from `fiore.generate` (model distribution, along the final beam).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from fiore import tasks as registry
+from fiore.generate import GenerationConfig, generate
+from fiore.results import Label, Result
+from fiore.tasks import Task
+from fiore.tasks.parsers import SCORE_MODES
+
+DEFAULT_MAX_ROWS = 16  # rows decoded in one batch: bounds the KV cache (base: ~60 MB per row at 1024 tokens)
+DEFAULT_IMAGE_BATCH = 8  # images per vision-tower call: bounds activation memory
+CLASSIFY_CHUNK = 32  # candidate labels scored per teacher-forced pass
+
+_GEN_FIELDS = {f.name for f in fields(GenerationConfig)} - {"max_new_tokens"}
+
+
+@dataclass
+class _Row:
+    image: int  # index into the batch's images
+    task: Task
+    prompt: str
+    limit: int  # max_new_tokens
+
+
+def _as_list(x) -> tuple[list, bool]:
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("no images given")
+        return list(x), False
+    return [x], True
+
+
+def _per_image(value, n: int, what: str) -> list:
+    """A single text/region for every image, or one per image."""
+    if value is None:
+        return [None] * n
+    if what == "text":
+        if isinstance(value, str):
+            return [value] * n
+    elif len(value) == 4 and all(isinstance(v, (int, float)) for v in value):  # one region
+        return [value] * n
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != n:
+        raise ValueError(f"{what} must be one value for all {n} images or a list of {n}, got {value!r}")
+    return list(value)
+
+
+def _generation_config(florence, options: dict[str, Any], score_mode: str) -> GenerationConfig:
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+    unknown = set(options) - _GEN_FIELDS
+    if unknown:
+        raise TypeError(f"unknown generation options {sorted(unknown)}; known: {sorted(_GEN_FIELDS)}")
+    text, tok = florence.config.text, florence.tokenizer
+    base = dict(
+        decoder_start_token_id=text.decoder_start_token_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        forced_bos_token_id=tok.bos_id,  # Florence targets are `<s> ... </s>`; as the original generation config
+    )
+    base.update(options)
+    return GenerationConfig(**base)
+
+
+def _load_images(florence, images: list) -> list:
+    from fiore.processor import load_image
+
+    return [load_image(im, max_pixels=florence.processor.max_pixels) for im in images]
+
+
+@torch.inference_mode()
+def _encode_images(florence, pils: list, image_batch: int) -> torch.Tensor:
+    """Vision tower + projector, `image_batch` images at a time -> (B, N, d)."""
+    model = florence.model
+    out = []
+    for i in range(0, len(pils), image_batch):
+        pixel_values = florence.processor.pixel_values(pils[i : i + image_batch]).to(model.device, model.dtype)
+        out.append(model.encode_image(pixel_values))
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+@torch.inference_mode()
+def _decode_rows(florence, features, sizes, rows: list[_Row], config: GenerationConfig, score_mode, max_rows):
+    """Encode each row's prompt with its image's features and decode rows in batches -> one Result per row."""
+    model, tok = florence.model, florence.tokenizer
+    results: list[Result | None] = [None] * len(rows)
+    # similar budgets together: a batch's cache is sized by its largest budget
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].limit, rows[i].image))
+    for start in range(0, len(order), max_rows):
+        chunk = order[start : start + max_rows]
+        input_ids, attention_mask = florence.processor.prompt_ids([rows[i].prompt for i in chunk])
+        img = torch.tensor([rows[i].image for i in chunk], device=features.device)
+        hidden, mask = model.encode(
+            features.index_select(0, img), input_ids.to(model.device), attention_mask.to(model.device)
+        )
+        config.max_new_tokens = [rows[i].limit for i in chunk]
+        seqs = generate(model, hidden, mask, config)
+        del hidden, mask
+        for i, seq in zip(chunk, seqs, strict=True):
+            row = rows[i]
+            text = tok.decode(seq.ids)
+            logprobs = list(zip(tok.pieces(seq.ids), seq.token_logprobs, strict=True))
+            result = row.task.parse(text, sizes[row.image], token_logprobs=logprobs, score_mode=score_mode)
+            result.task = result.task or row.task.name
+            result.truncated = seq.truncated
+            if seq.truncated:
+                result.warnings.append(
+                    f"output truncated at max_new_tokens={row.limit}; pass a larger max_new_tokens for the full output"
+                )
+            results[i] = result
+    return results
+
+
+def predict(
+    florence,
+    images,
+    task: str | Task,
+    text: str | Sequence[str | None] | None = None,
+    region: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    score_mode: str = "loc",
+    max_rows: int = DEFAULT_MAX_ROWS,
+    image_batch: int = DEFAULT_IMAGE_BATCH,
+    **generation,
+) -> Result | list[Result]:
+    """One task on one image (-> Result) or on a list of images (-> list[Result]), decoded as one batch.
+
+    text / region: the task's input, one for all images or one per image; a region is [x1, y1, x2, y2] in pixels of
+    the original image. max_new_tokens: default the task's budget. score_mode: "loc" (an instance's confidence is
+    exp(mean log-prob of its location tokens), as Microsoft's original code) or "label_loc" (its label and location
+    tokens), see `fiore.tasks.parsers`. Other keywords are `GenerationConfig` fields
+    (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,
+    generator, ...). Default decoding is greedy.
+    """
+    task = registry.get(task)
+    images, single = _as_list(images)
+    config = _generation_config(florence, generation, score_mode)
+    pils = _load_images(florence, images)
+    sizes = [im.size for im in pils]
+    texts, regions = _per_image(text, len(pils), "text"), _per_image(region, len(pils), "region")
+    limit = task.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    rows = [
+        _Row(i, task, task.prompt(text=t, region=r, image_size=sizes[i]), limit)
+        for i, (t, r) in enumerate(zip(texts, regions, strict=True))
+    ]
+    features = _encode_images(florence, pils, image_batch)
+    results = _decode_rows(florence, features, sizes, rows, config, score_mode, max_rows)
+    return results[0] if single else results
+
+
+def _task_specs(tasks) -> list[tuple[Task, dict]]:
+    """["od", "caption"] or {"od": {}, "caption_to_phrase_grounding": {"text": "a ball"}} -> [(Task, inputs)]."""
+    if isinstance(tasks, (str, Task)):
+        tasks = [tasks]
+    items = tasks.items() if isinstance(tasks, Mapping) else ((t, {}) for t in tasks)
+    specs, seen = [], set()
+    for name, inputs in items:
+        task = registry.get(name)
+        if task.name in seen:
+            raise ValueError(f"task {task.name!r} listed twice")
+        seen.add(task.name)
+        unknown = set(inputs or {}) - {"text", "region", "max_new_tokens"}
+        if unknown:
+            raise ValueError(f"task {task.name}: unknown inputs {sorted(unknown)} (text, region, max_new_tokens)")
+        specs.append((task, dict(inputs or {})))
+    if not specs:
+        raise ValueError("no tasks given")
+    return specs
+
+
+def run(
+    florence,
+    images,
+    tasks: Sequence[str] | Mapping[str, Mapping[str, Any]],
+    *,
+    max_new_tokens: int | Mapping[str, int] | None = None,
+    score_mode: str = "loc",
+    max_rows: int = DEFAULT_MAX_ROWS,
+    image_batch: int = DEFAULT_IMAGE_BATCH,
+    **generation,
+) -> dict[str, Result] | list[dict[str, Result]]:
+    """Many tasks on one image (-> {task name: Result}) or on each of a list of images (-> list of dicts).
+
+    Each image is encoded by the vision tower once; all its tasks reuse that encoding, their prompts are encoded as
+    one batch and decoded together. `tasks`: a list of task names, or a dict name -> {"text": ..., "region": ...,
+    "max_new_tokens": ...} for tasks that take inputs. max_new_tokens: one limit for all tasks, or per task name.
+    """
+    specs = _task_specs(tasks)
+    images, single = _as_list(images)
+    config = _generation_config(florence, generation, score_mode)
+    pils = _load_images(florence, images)
+    sizes = [im.size for im in pils]
+    rows = []
+    for i in range(len(pils)):
+        for task, inputs in specs:
+            if "max_new_tokens" in inputs:
+                limit = inputs["max_new_tokens"]
+            elif isinstance(max_new_tokens, Mapping):
+                limit = max_new_tokens.get(task.name, task.max_new_tokens)
+            else:
+                limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+            prompt = task.prompt(text=inputs.get("text"), region=inputs.get("region"), image_size=sizes[i])
+            rows.append(_Row(i, task, prompt, int(limit)))
+    features = _encode_images(florence, pils, image_batch)
+    results = _decode_rows(florence, features, sizes, rows, config, score_mode, max_rows)
+    out = [{} for _ in pils]
+    for row, result in zip(rows, results, strict=True):
+        out[row.image][row.task.name] = result
+    return out[0] if single else out
+
+
+# ----------------------------------------------------------------------------------------------- label scoring
+
+
+@torch.inference_mode()
+def classify(
+    florence,
+    image,
+    labels: Sequence[str],
+    region: Sequence[float] | None = None,
+    task: str | Task | None = None,
+) -> Label:
+    """Rank candidate `labels` for the whole image or a region by their sequence log-likelihood.
+
+    task: "classify" (fiore-trained models; the default without a region) or "region_to_category" (the default
+    with a region; also the way to use official Florence-2 checkpoints, which then see the full-image box when no
+    region is given). Each candidate is a teacher-forced target `<s> label` followed by the end of the label; all
+    candidates go through the decoder as one batch against one image encoding.
+
+    Score of a label: log p(label tokens | image, prompt) + log p(label ends), where "ends" is the probability of
+    the next token being `</s>` or a location token (official region_to_category outputs echo the region as loc
+    tokens after the label). Probabilities = softmax of the scores over the candidates. Returns a `Label` with the
+    best label, `score` = its probability, and `ranking` = [(label, probability), ...] most likely first.
+    """
+    labels = list(labels) if not isinstance(labels, str) else [labels]
+    if not labels:
+        raise ValueError("classify needs at least one candidate label")
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"candidate labels must be distinct; repeated: {dup}")
+    if task is None:
+        task = "classify" if region is None else "region_to_category"
+    task = registry.get(task)
+    if task.name not in ("classify", "region_to_category"):
+        raise ValueError(f"classify scores labels under 'classify' or 'region_to_category', not {task.name!r}")
+
+    model, tok = florence.model, florence.tokenizer
+    (pil,) = _load_images(florence, [image])
+    size = pil.size
+    if task.inputs == "region" and region is None:
+        region = (0.0, 0.0, float(size[0]), float(size[1]))
+    prompt = task.prompt(region=region, image_size=size) if task.inputs == "region" else task.prompt()
+    targets = []
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"candidate labels must be non-empty strings, got {label!r}")
+        if "<" in label or "\n" in label:  # would read as special tokens / end the label in the output grammar
+            raise ValueError(f"candidate label {label!r} contains '<' or a line break, which a label cannot hold")
+        ids = tok.encode(task.serialize(Label(label), size))
+        if not ids:
+            raise ValueError(f"label {label!r} encodes to no tokens")
+        targets.append(ids)
+
+    features = _encode_images(florence, [pil], 1)
+    input_ids, attention_mask = florence.processor.prompt_ids([prompt])
+    hidden, mask = model.encode(features, input_ids.to(model.device), attention_mask.to(model.device))
+    start, bos, eos = florence.config.text.decoder_start_token_id, tok.bos_id, tok.eos_id
+    enders = torch.tensor([eos, *range(tok.loc_id(0), tok.loc_id(999) + 1)], device=model.device)
+
+    scores = []
+    for c0 in range(0, len(targets), CLASSIFY_CHUNK):
+        chunk = targets[c0 : c0 + CLASSIFY_CHUNK]
+        T = max(len(t) for t in chunk) + 2  # decoder start, <s>, label tokens
+        dec = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
+        for j, t in enumerate(chunk):
+            dec[j, : len(t) + 2] = torch.tensor([start, bos, *t])
+        # one cross-attention K/V computation, repeated to the chunk's rows (no per-candidate encoder work)
+        cache = model.new_cache(hidden, mask, T).select(torch.zeros(len(chunk), dtype=torch.long))
+        logp = torch.log_softmax(model.logits(model.decode(dec.to(model.device), None, None, cache)), -1)
+        del cache
+        for j, t in enumerate(chunk):
+            n = len(t)
+            # position p (decoder input dec[p]) predicts dec[p+1]; label tokens are predicted at 1..n, the end at n+1
+            label_lp = logp[j, torch.arange(1, n + 1), torch.tensor(t, device=logp.device)].sum()
+            end_lp = torch.logsumexp(logp[j, n + 1, enders], 0)
+            scores.append(float(label_lp + end_lp))
+
+    probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
+    ranking = sorted(zip(labels, probs, strict=True), key=lambda x: -x[1])
+    best, p_best = ranking[0]
+    result = Label(best, task=task.name, score=p_best, ranking=[(lab, float(p)) for lab, p in ranking])
+    if not all(math.isfinite(s) for s in scores):
+        result.warnings.append("some candidates have zero probability under the model (log-likelihood -inf)")
+    return result
