@@ -168,7 +168,7 @@ def mask_polygons(
         if area < MIN_RING_AREA:  # holes (negative: they run the other way round) and specks of a pixel or two
             continue
         ring = simplify(ring, tolerance)
-        rings.append([round(float(v), 2) for v in ring.reshape(-1)])
+        rings.append(np.round(ring.reshape(-1), 2).tolist())
     return rings
 
 

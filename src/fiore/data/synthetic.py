@@ -155,20 +155,21 @@ def _place_objects(rng: np.random.Generator, world: World, z: np.ndarray) -> lis
     return placed
 
 
-def _free_spot(occupied: np.ndarray, h: int, w: int, rng: np.random.Generator) -> tuple[int, int] | None:
-    """Top-left (x, y) of a random h x w window with no occupied pixel, None when there is none.
-
-    Searched on a grid of _CELL-pixel cells (a cell is occupied when any of its pixels is): a window sum over an
-    integral image of the cells, 1/_CELL^2 of the work of a per-pixel search, for a spot at most a cell off."""
+def _cells(occupied: np.ndarray) -> np.ndarray:
+    """(ceil(H/_CELL), ceil(W/_CELL)) bool: a cell is taken when any of its pixels is, or when it runs past the
+    canvas. Text placement searches this grid: 1/_CELL^2 of the work, for a spot at most a cell off."""
     H, W = occupied.shape
     c = _CELL
     hc, wc = -(-H // c), -(-W // c)
-    cells = np.zeros((hc * c, wc * c), dtype=bool)
-    cells[:H, :W] = occupied
-    cells[H:, :] = True  # the partial cells past the canvas edge are not free
-    cells[:, W:] = True
-    cells = cells.reshape(hc, c, wc, c).any(axis=(1, 3))
-    kh, kw = -(-h // c), -(-w // c)  # cells a window needs
+    padded = np.ones((hc * c, wc * c), dtype=bool)
+    padded[:H, :W] = occupied
+    return padded.reshape(hc, c, wc, c).any(axis=(1, 3))
+
+
+def _free_spot(cells: np.ndarray, h: int, w: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """Top-left pixel (x, y) of a random free h x w window on the cell grid, None when there is none."""
+    hc, wc = cells.shape
+    kh, kw = -(-h // _CELL), -(-w // _CELL)  # cells a window needs
     if kh > hc or kw > wc:
         return None
     s = np.zeros((hc + 1, wc + 1), dtype=np.int32)
@@ -178,7 +179,8 @@ def _free_spot(occupied: np.ndarray, h: int, w: int, rng: np.random.Generator) -
     if ys.size == 0:
         return None
     k = int(rng.integers(ys.size))
-    return int(xs[k]) * c, int(ys[k]) * c
+    cells[ys[k] : ys[k] + kh, xs[k] : xs[k] + kw] = True  # taken from now on
+    return int(xs[k]) * _CELL, int(ys[k]) * _CELL
 
 
 def _text_string(rng: np.random.Generator) -> str:
@@ -194,17 +196,17 @@ def _place_texts(rng: np.random.Generator, world: World, image: np.ndarray, occu
     n = int(rng.integers(0, world.max_texts + 1))
     items = []
     m = _TEXT_MARGIN
+    cells = _cells(occupied) if n else None
     for _ in range(n):
         text = _text_string(rng)
         size = int(np.ceil(height * rng.uniform(*world.text_size)))
         angle = rng.uniform(-world.max_text_angle, world.max_text_angle) if rng.random() < world.rotated_text else 0.0
         alpha, quad = render.text_layer(text, size, angle)
         h, w = alpha.shape
-        spot = _free_spot(occupied, h + 2 * m, w + 2 * m, rng)
+        spot = _free_spot(cells, h + 2 * m, w + 2 * m, rng)
         if spot is None:
             continue
         x, y = spot[0] + m, spot[1] + m
-        occupied[spot[1] : spot[1] + h + 2 * m, spot[0] : spot[0] + w + 2 * m] = True
         region = image[y : y + h, x : x + w].astype(np.float32)
         ink = np.zeros(3) if region.mean() > 110 else np.full(3, 255.0)
         if world.render_text:
@@ -220,8 +222,8 @@ def _place_texts(rng: np.random.Generator, world: World, image: np.ndarray, occu
         items.append(
             TextItem(
                 text=text,
-                quad=tuple(round(float(v), 2) for v in q.reshape(-1)),
-                box=tuple(round(v, 2) for v in box),
+                quad=tuple(np.round(q.reshape(-1), 2).tolist()),
+                box=tuple(np.round(box, 2).tolist()),
             )
         )
     return reading_order(items)
@@ -247,7 +249,7 @@ def _polygons(p: _Placed, visible: np.ndarray, box) -> list[list[float]]:
         return render.mask_polygons(visible, p.offset)
     ring = render.simplify(p.outline, render.POLYGON_TOLERANCE)
     ring = np.clip(ring, [box[0], box[1]], [box[2], box[3]])
-    return [[round(float(v), 2) for v in ring.reshape(-1)]]
+    return [np.round(ring.reshape(-1), 2).tolist()]
 
 
 def _objects(placed: list[_Placed], z: np.ndarray) -> list[Object]:
