@@ -111,3 +111,33 @@ def running_server(app):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def save_tiny_model(path, seed: int = 0):
+    """A random-weight `fiore.preset("tiny")` model with a small trained tokenizer, saved to `path` for `fiore.load`.
+
+    Weights are drawn wider than the training init so logits are crisp: greedy decoding then has no near-ties,
+    and a request batched with others decodes the same tokens as alone.
+    """
+    import math
+
+    import torch
+
+    from fiore.config import preset
+    from fiore.florence import Florence
+    from fiore.model import FlorenceModel
+    from fiore.tokenizer import Tokenizer
+
+    words = "a red green blue star disc cross square triangle the of in on image small large text cow bee".split()
+    g = np.random.default_rng(seed)
+    tok = Tokenizer.train([" ".join(g.choice(words, size=8)) for _ in range(300)], vocab_size=300)
+    # 64x64 input: the tiny architecture at a sixteenth of its vision cost (the suite shares 2 CPU cores)
+    config = preset("tiny").replace(text={"vocab_size": tok.vocab_size}, image_size=(64, 64))
+    torch.manual_seed(seed)
+    model = FlorenceModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "shared" not in name and "embed_positions" not in name:
+                p.normal_(0, 1.5 / math.sqrt(p.shape[1]))
+        model.language_model.shared.weight.normal_(0, 0.5)
+    return Florence(model, config, tokenizer=tok).save(path)

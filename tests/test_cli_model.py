@@ -1,0 +1,61 @@
+"""`fiore predict` and `fiore label` on a real tiny random-weight checkpoint (the path a user takes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fake_florence import save_tiny_model
+from PIL import Image
+from typer.testing import CliRunner
+
+from fiore.cli import app
+
+SCENE = Path(__file__).parents[1] / "examples" / "scene.png"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def test_predict_all_with_real_model(model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        str(SCENE),
+        "--task",
+        "all",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+    ]
+    r = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    answer = json.loads((out / "scene.json").read_text())
+    assert {"caption", "od", "ocr_with_region", "region_proposal"} <= set(answer)
+    assert all(v["truncated"] in (True, False) and "type" in v for v in answer.values())
+    assert Image.open(out / "scene.od.png").size == Image.open(SCENE).size
+    assert "scene.png (356x314)" in r.output
+
+
+def test_label_with_real_model_then_rerun(model_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50 + 10 * i, 40), (60 * i, 120, 200)).save(folder / f"{i}.png")
+    out = tmp_path / "labels.json"
+    args = ["label", str(folder), "--model", str(model_dir), "--max-new-tokens", "8", "--out", str(out), "-b", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    coco = json.loads(out.read_text())
+    assert [im["file_name"] for im in coco["images"]] == ["0.png", "1.png", "2.png"]
+    assert [im["width"] for im in coco["images"]] == [50, 60, 70]
+    assert all(a["image_id"] in (1, 2, 3) and len(a["bbox"]) == 4 for a in coco["annotations"])
+    r = runner.invoke(app, args)  # a finished run leaves no journal: rerunning relabels to the same answer
+    assert r.exit_code == 0 and json.loads(out.read_text()) == coco
