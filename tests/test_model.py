@@ -67,9 +67,9 @@ def test_tiny_matches_transformers(pair):
 def test_non_square_input_matches_transformers(pair):
     hf, florence = pair
     torch.manual_seed(1)
-    # 256x384 -> 8x12 feature cells; window 8 pads the 12-wide maps, exercising the padding path too.
-    feats = compare(hf, florence.model, torch.randn(1, 3, 256, 384), prompt_ids(1, 5, NATIVE_VOCAB))
-    assert feats.shape == (1, 1 + 8 * 12, 256)
+    # 128x192 -> 4x6 feature cells; window 8 pads the small maps, exercising the window padding path too.
+    feats = compare(hf, florence.model, torch.randn(1, 3, 128, 192), prompt_ids(1, 5, NATIVE_VOCAB))
+    assert feats.shape == (1, 1 + 4 * 6, 256)
 
 
 def test_feature_map_beyond_position_table_is_rejected(pair):
@@ -81,8 +81,8 @@ def test_feature_map_beyond_position_table_is_rejected(pair):
 def test_greedy_tokens_match_transformers(pair):
     hf, florence = pair
     torch.manual_seed(2)
-    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 9, NATIVE_VOCAB, seed=3)
-    ids, mask = hf_inputs(prompt, 65)
+    pixel_values, prompt = torch.randn(2, 3, 128, 128), prompt_ids(2, 9, NATIVE_VOCAB, seed=3)
+    ids, mask = hf_inputs(prompt, 17)
     with torch.no_grad():
         # min_new_tokens keeps EOS out (random weights would stop at once); the 31st token is transformers'
         # forced EOS, so 30 generated tokens are compared.
@@ -96,7 +96,7 @@ def test_greedy_tokens_match_transformers(pair):
 def test_padded_batch_rows_equal_rows_alone(model):
     m = model
     torch.manual_seed(3)
-    pixel_values = torch.randn(2, 3, 256, 256)
+    pixel_values = torch.randn(2, 3, 128, 128)
     long, short = prompt_ids(1, 10, NATIVE_VOCAB, seed=4), prompt_ids(1, 6, NATIVE_VOCAB, seed=5)
     batch = torch.ones(2, 10, dtype=torch.long)  # pad id 1, right padding
     batch[0], batch[1, :6] = long[0], short[0]
@@ -116,7 +116,7 @@ def test_padded_batch_rows_equal_rows_alone(model):
 def test_cached_decoding_equals_full_decode(model):
     m = model
     torch.manual_seed(4)
-    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB)
+    pixel_values, prompt = torch.randn(2, 3, 128, 128), prompt_ids(2, 8, NATIVE_VOCAB)
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     dec = prompt_ids(2, 9, NATIVE_VOCAB, seed=8)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_cached_decoding_equals_full_decode(model):
 def test_cache_select_reorders_and_expands_rows(model):
     m = model
     torch.manual_seed(5)
-    pixel_values, prompt = torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB)
+    pixel_values, prompt = torch.randn(2, 3, 128, 128), prompt_ids(2, 8, NATIVE_VOCAB)
     dec = prompt_ids(2, 5, NATIVE_VOCAB, seed=9)
     with torch.no_grad():
         hidden, enc_mask = m.encode(m.encode_image(pixel_values), prompt)
@@ -153,7 +153,7 @@ def test_encoder_output_is_reusable_for_many_prompts_via_select(pair):
     _, florence = pair
     m = florence.model
     torch.manual_seed(6)
-    pixel_values, prompt = torch.randn(1, 3, 256, 256), prompt_ids(1, 6, NATIVE_VOCAB)
+    pixel_values, prompt = torch.randn(1, 3, 128, 128), prompt_ids(1, 6, NATIVE_VOCAB)
     with torch.no_grad():
         hidden, enc_mask = m.encode(m.encode_image(pixel_values), prompt)
         cache = m.new_cache(hidden, enc_mask, max_length=4).select(torch.zeros(3, dtype=torch.long))
@@ -172,7 +172,7 @@ def test_low_precision_forward(pair, dtype):
     m = m.to(dtype).eval()
     assert m.lm_head.weight is m.language_model.shared.weight
     torch.manual_seed(7)
-    pixel_values, prompt, dec = torch.randn(1, 3, 256, 256), prompt_ids(1, 8, NATIVE_VOCAB), prompt_ids(1, 4, 999)
+    pixel_values, prompt, dec = torch.randn(1, 3, 128, 128), prompt_ids(1, 8, NATIVE_VOCAB), prompt_ids(1, 4, 999)
     with torch.no_grad():
         ref = m32(pixel_values, prompt, dec)
         out = m(pixel_values, prompt, dec)
@@ -185,7 +185,7 @@ def test_gradient_checkpointing_gives_equal_gradients():
     torch.manual_seed(0)
     config = preset("tiny").replace(text={"vocab_size": 1000})
     model = FlorenceModel(config).train()  # train mode: dropout and drop-path active, RNG replayed on recompute
-    pixel_values = torch.randn(2, 3, 256, 256)
+    pixel_values = torch.randn(2, 3, 64, 64)
     prompt, dec = prompt_ids(2, 6, 1000), prompt_ids(2, 5, 1000, seed=2)
 
     def grads(enabled: bool) -> dict[str, torch.Tensor]:

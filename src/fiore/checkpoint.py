@@ -9,6 +9,7 @@ own config under `fiore_config`, plus model.safetensors) that `Florence2ForCondi
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -112,7 +113,10 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
     def load_bin(f: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: never unpickle arbitrary objects from a checkpoint file.
-        return torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{f} holds more than tensors; refusing to unpickle it ({e})") from e
 
     if (directory / "model.safetensors.index.json").exists():
         files, loader = shards(directory / "model.safetensors.index.json"), load_file
