@@ -69,6 +69,7 @@ class TrainSection:
     tasks_per_image: int = 4  # K rows (task examples) per encoded image, sharing its vision encoding
     max_target_tokens: int = 256  # longer targets are truncated (no </s> then)
     max_prompt_tokens: int = 64
+    decode_groups: int = 4  # rows are decoded in this many length-sorted groups (less padding)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # older step_N dirs are deleted
     eval_every: int = 0  # 0 = only at the end; < 0 = never
@@ -79,6 +80,7 @@ class TrainSection:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast)
     gradient_checkpointing: bool = False
     progress: bool = True
+    threads: int = 0  # torch intra-op threads for this run; 0 = torch's default. 1 is far steadier on a busy machine
 
 
 @dataclass
@@ -140,8 +142,9 @@ class TrainConfig:
             raise ConfigError("[optim] needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"[train] precision must be 'fp32' or 'bf16', got {t.precision!r}")
-        if t.tasks_per_image < 1 or t.max_target_tokens < 1 or t.checkpoint_every < 1 or t.log_every < 1:
-            raise ConfigError("[train] tasks_per_image, max_target_tokens, checkpoint_every, log_every must be >= 1")
+        for name in ("tasks_per_image", "decode_groups", "max_target_tokens", "checkpoint_every", "log_every"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"[train] {name} must be >= 1, got {getattr(t, name)}")
 
 
 _SECTIONS = {

@@ -16,12 +16,14 @@ autocast and gradient checkpointing, frozen parts excluded from the optimizer, D
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +41,12 @@ PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "projector": (("model.multi_modal_projector.",), ()),
     "vision": (("model.vision_tower.", "model.multi_modal_projector."), ()),
     "embeddings": (
-        ("model.language_model.shared.", "lm_head.", "model.language_model.encoder.embed_tokens.",
-         "model.language_model.decoder.embed_tokens."),
+        (
+            "model.language_model.shared.",
+            "lm_head.",
+            "model.language_model.encoder.embed_tokens.",
+            "model.language_model.decoder.embed_tokens.",
+        ),
         (),
     ),
     "encoder": (("model.language_model.encoder.",), ("embed_tokens",)),
@@ -136,13 +142,19 @@ class Schedule:
 
 
 class MultiTaskLoss(nn.Module):
-    """The whole training forward as one module, so DDP's forward hook sees it. Returns (loss, loss_sum, tokens)."""
+    """The whole training forward as one module, so DDP's forward hook sees it. Returns (loss, loss_sum, tokens).
 
-    def __init__(self, model: nn.Module, weights: list[float], precision: str = "fp32"):
+    Target lengths vary a lot (a class name vs. a paragraph or a polygon), so rows are sorted by label length and
+    decoded in `decode_groups` groups, each padded only to its own longest row; only real label tokens reach the
+    LM head. Same loss as one padded pass, a fraction of the decoder work.
+    """
+
+    def __init__(self, model: nn.Module, weights: list[float], precision: str = "fp32", decode_groups: int = 4):
         super().__init__()
         self.model = model
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.precision = precision
+        self.decode_groups = decode_groups
 
     def autocast(self, device: torch.device):
         if self.precision == "bf16":
@@ -151,22 +163,29 @@ class MultiTaskLoss(nn.Module):
 
     def forward(self, pixel_values, image_index, input_ids, attention_mask, decoder_input_ids, labels, task_index):
         model = self.model
+        valid = labels != IGNORE_INDEX  # (R, T)
+        lengths = valid.sum(1)  # (R,)
+        order = lengths.argsort(stable=True)
         with self.autocast(pixel_values.device):
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
                 features = model.encode_image(pixel_values)  # (B, N, d)
             features = features.index_select(0, image_index)  # (R, N, d)
-            hidden, mask = model.encode(features, input_ids, attention_mask)
-            h = model.decode(decoder_input_ids, hidden, mask)  # (R, T, d)
-            valid = labels != IGNORE_INDEX  # (R, T)
-            logits = model.logits(h[valid].unsqueeze(0))[0]  # (n_tokens, V) float32
-        ce = nn.functional.cross_entropy(logits.float(), labels[valid], reduction="none")
-        token_task = task_index.unsqueeze(1).expand_as(labels)[valid]
+            hidden, mask = model.encode(features, input_ids, attention_mask)  # (R, N+Tp, d)
+            states, targets, token_task = [], [], []
+            for rows in order.chunk(self.decode_groups):
+                T = int(lengths[rows].max())
+                h = model.decode(decoder_input_ids[rows, :T], hidden[rows], mask[rows])  # (r, T, d)
+                keep = valid[rows, :T]
+                states.append(h[keep])
+                targets.append(labels[rows, :T][keep])
+                token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
+            logits = model.logits(torch.cat(states).unsqueeze(0))[0]  # (n_tokens, V) float32
+        targets, token_task = torch.cat(targets), torch.cat(token_task)
+        ce = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
         K = self.weights.numel()
         loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)
-        tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(
-            0, token_task, torch.ones_like(ce, dtype=ce.dtype)
-        )
+        tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(0, token_task, torch.ones_like(ce))
         return combine(loss_sum, tokens, self.weights), loss_sum.detach(), tokens
 
 
@@ -180,6 +199,15 @@ def _call(module: nn.Module, batch: Batch):
         batch.labels,
         batch.task_index,
     )
+
+
+def param_checksum(model: nn.Module) -> str:
+    """sha256 over every parameter's bytes: equal across DDP ranks, equal between a resumed and an unbroken run."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -257,8 +285,10 @@ def export(model: nn.Module, model_config, tokenizer, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     from fiore.checkpoint import load_checkpoint
+    from fiore.model import SHARED_KEY, TIED_KEYS
 
     _, state = load_checkpoint(path)
+    state.update({k: state[SHARED_KEY] for k in TIED_KEYS})  # stored once; copy into the live (tied) parameters
     model.load_state_dict(state, strict=True)
 
 
@@ -358,7 +388,7 @@ class Evaluator:
 def _florence(model, model_config, tokenizer):
     from fiore import Florence
 
-    return Florence(model=model, config=model_config, tokenizer=tokenizer)
+    return Florence(model, model_config, tokenizer=tokenizer)
 
 
 def _report_dict(report) -> dict:
@@ -373,13 +403,23 @@ def _report_dict(report) -> dict:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+def train(config: TrainConfig, resume: bool = False, callback: Callable[[int, nn.Module], None] | None = None) -> Path:
     """Train as `config` says; returns OUT/final (a loadable fiore checkpoint).
 
     resume: continue from OUT/checkpoints/latest (model, optimizer, schedule, RNG, data position).
-    stop_after: return right after this step (and its checkpoint, if one falls there) without finishing, as an
-    interrupted run would; used by the resume tests.
+    callback(step, model): called after every optimizer step (and its checkpoint, if one falls there); an exception
+    raised there stops the run as a crash would (the resume tests use this).
     """
+    threads = torch.get_num_threads()
+    if config.train.threads > 0:
+        torch.set_num_threads(config.train.threads)
+    try:
+        return _train(config, resume, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, resume: bool, callback) -> Path:
     world = ddp.setup()
     out_dir = Path(config.train.out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -442,7 +482,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
     dataset = MixtureDataset(
         mixture, make_sample, processor.pixel_values, config.data.seed, micro_images, world.rank, world.world_size
     )
-    loss_module = MultiTaskLoss(model, mixture.weights, t.precision).to(world.device)
+    loss_module = MultiTaskLoss(model, mixture.weights, t.precision, t.decode_groups).to(world.device)
     step_module = loss_module
     if world.distributed:
         step_module = nn.parallel.DistributedDataParallel(
@@ -476,9 +516,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
                 loss_sum += s.cpu()
                 tokens += n.cpu()
                 rows += batch.num_rows
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(trainable, o.clip) if o.clip > 0 else torch.zeros(())
-            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, o.clip) if o.clip > 0 else torch.zeros(())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -516,10 +554,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after: int | None = No
 
             if done % t.checkpoint_every == 0 or done == o.steps:
                 _checkpoint(ckpt_root, done, model, model_config, tokenizer, optimizer, world, t.keep_checkpoints)
-            if stop_after is not None and done >= stop_after and done < o.steps:
-                return ckpt_root
+            if callback is not None:
+                callback(done, model)
+        checksums = ddp.gather_objects(world, param_checksum(model))
         final = out_dir / "final"
         if world.is_main:
+            logger.write({"step": o.steps, "param_sha256": checksums})  # one per rank: DDP keeps them equal
             tmp = out_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             export(model, model_config, tokenizer, tmp)
@@ -550,7 +590,5 @@ def _checkpoint(ckpt_root, step, model, model_config, tokenizer, optimizer, worl
     rngs = ddp.gather_objects(world, checkpointing.rng_state())
     if world.is_main:
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs}
-        checkpointing.save(
-            ckpt_root, step, lambda d: export(model, model_config, tokenizer, d), state, keep=keep
-        )
+        checkpointing.save(ckpt_root, step, lambda d: export(model, model_config, tokenizer, d), state, keep=keep)
     ddp.barrier(world)

@@ -207,8 +207,10 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> Batch:
         samples = [self.make_sample(self.seed, i) for i in self.indices(k)]
-        rows = [self.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}")) for s, i in zip(
-            samples, self.indices(k), strict=True)]
+        rows = [
+            self.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}"))
+            for s, i in zip(samples, self.indices(k), strict=True)
+        ]
         pixels = self.pixel_values([s.load_image() for s in samples])
         tok = self.mixture.tokenizer
         return collate(pixels, rows, tok.pad_id, self.mixture.decoder_start_id)
