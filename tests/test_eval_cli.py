@@ -61,6 +61,7 @@ def test_eval_on_dataset_read_from_disk(dataset):
     assert report.tasks["od"].metrics["mAP50"] == pytest.approx(1.0)
     assert report.tasks["vqa"].metrics["accuracy"] == 1.0
     assert report.tasks["ocr_with_region"].metrics["F1"] == 1.0
+    assert all(s.image is None for s in samples)  # images read from disk are released after their batch
 
 
 def test_fiore_eval_command(dataset, tmp_path, monkeypatch):

@@ -207,7 +207,7 @@ def test_one_encoding_call_per_image_batch_and_batched_prompts():
 
 def test_bad_samples_are_counted_not_dropped():
     samples = [_sample(i) for i in range(6)]
-    broken = BrokenImage(image_id="broken", width=100, height=100)
+    broken = BrokenImage(**{**vars(_sample(99)), "image_id": "broken", "image": None})
     samples.insert(2, broken)
 
     def bad_examples(s):

@@ -30,8 +30,9 @@ class TaskReport:
     truncated: int = 0
     parse_warnings: int = 0
 
-    def add_error(self, message: str) -> None:
-        self.errors += 1
+    def add_error(self, message: str, count: int = 1) -> None:
+        """Count `count` lost examples (or one failed step) under one message."""
+        self.errors += count
         if len(self.error_messages) < MAX_ERROR_MESSAGES:
             self.error_messages.append(message)
 

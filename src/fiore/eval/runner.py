@@ -181,14 +181,9 @@ def _evaluate_chunk(
 ) -> list:
     """Predict and score every task on a chunk of samples; returns its prediction records."""
     images: dict[int, Any] = {}
+    preloaded = {k for k, s in enumerate(chunk) if getattr(s, "image", None) is not None}
     work: dict[tuple[int, str], dict[tuple, list]] = {}  # (sample index, task) -> input key -> examples
     for k, sample in enumerate(chunk):
-        try:
-            images[k] = sample.load_image()
-        except Exception as e:
-            for run in runs.values():
-                run.report.add_error(_message("image could not be loaded", sample, e))
-            continue
         for task in task_list:
             report = runs[task.name].report
             try:
@@ -204,6 +199,16 @@ def _evaluate_chunk(
             for ex in examples:
                 groups.setdefault(_input_key(ex), []).append(ex)
             work[(k, task.name)] = groups
+        if not any((k, t.name) in work for t in task_list):
+            continue
+        try:
+            images[k] = sample.load_image()
+        except Exception as e:
+            msg = _message("image could not be loaded", sample, e)
+            for t in task_list:
+                groups = work.pop((k, t.name), None)
+                if groups:
+                    runs[t.name].report.add_error(msg, count=sum(len(g) for g in groups.values()))
 
     predictions: dict[tuple[int, str, tuple], Any] = {}
     failed: dict[tuple[int, str, tuple], str] = {}
@@ -254,7 +259,11 @@ def _evaluate_chunk(
                 if res is not None:
                     predictions[(k, t.name, key)] = res
 
-    return _score(chunk, work, predictions, failed, runs)
+    records = _score(chunk, work, predictions, failed, runs)
+    for k, sample in enumerate(chunk):
+        if k in images and k not in preloaded and getattr(sample, "image_path", None):
+            sample.image = None  # loaded for this chunk only: a large dataset must not stay in memory
+    return records
 
 
 def _score(chunk, work, predictions, failed, runs) -> list[dict[str, Any]]:
@@ -266,7 +275,7 @@ def _score(chunk, work, predictions, failed, runs) -> list[dict[str, Any]]:
         for key, examples in groups.items():
             pkey = (k, name, key)
             if pkey in failed:
-                run.report.add_error(failed[pkey])
+                run.report.add_error(failed[pkey], count=len(examples))
                 items += [
                     {"text": key[0], "region": key[1], "target": _to_json(ex.target), "error": failed[pkey]}
                     for ex in examples
