@@ -93,6 +93,13 @@ def test_masks_boxes_and_polygons_are_exact(scenes):
                 xs, ys = np.array(ring[::2]), np.array(ring[1::2])
                 assert xs.min() >= o.box[0] and xs.max() <= o.box[2]
                 assert ys.min() >= o.box[1] and ys.max() <= o.box[3]
+            # No holes: flood the background from outside the box; whatever stays unreached is enclosed.
+            x1, y1, x2, y2 = (int(v) for v in o.box)
+            flood = Image.fromarray(np.pad(visible[y1:y2, x1:x2], 1).astype(np.uint8) * 255).copy()  # writable
+            ImageDraw.floodfill(flood, (0, 0), 128)
+            # (PIL floods 4-connected: a background pixel meeting the outside only at a corner counts as enclosed.)
+            enclosed = int((np.asarray(flood) == 0).sum())
+            assert enclosed <= 2, f"hole of {enclosed} px in the mask of {o.description} in {s.image_id}"
             drawn = _polygon_mask(o.polygons, s.width, s.height)
             iou = (drawn & visible).sum() / (drawn | visible).sum()
             assert iou > 0.85, (s.image_id, o.description, iou)

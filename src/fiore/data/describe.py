@@ -80,9 +80,8 @@ def more_detailed_caption(sample: Sample, background: str) -> str:
            f"{lexicon.BACKGROUNDS[background]} background."]  # fmt: skip
     counts = Counter(o.label for o in sample.objects)
     if counts:
-        out.append(
-            f"There {'is' if n == 1 else 'are'} {_join([lexicon.count_phrase(c, s) for s, c in counts.items()])}."
-        )
+        verb = "is" if next(iter(counts.values())) == 1 else "are"  # agrees with the first noun
+        out.append(f"There {verb} {_join([lexicon.count_phrase(c, s) for s, c in counts.items()])}.")
     for o in sample.objects:
         out.append(f"A {_name(o, 'size', 'color', 'shape')} is {lexicon.POSITION_PHRASES[o.attributes['position']]}.")
     if not sample.texts:
