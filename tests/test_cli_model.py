@@ -50,7 +50,7 @@ def test_label_with_real_model_then_rerun(model_dir, tmp_path):
     for i in range(3):
         Image.new("RGB", (50 + 10 * i, 40), (60 * i, 120, 200)).save(folder / f"{i}.png")
     out = tmp_path / "labels.json"
-    args = ["label", str(folder), "--model", str(model_dir), "--max-new-tokens", "8", "--out", str(out), "-b", "2"]
+    args = ["label", str(folder), "--model", str(model_dir), "--max-new-tokens", "6", "--out", str(out), "-b", "2"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     coco = json.loads(out.read_text())
@@ -59,3 +59,41 @@ def test_label_with_real_model_then_rerun(model_dir, tmp_path):
     assert all(a["image_id"] in (1, 2, 3) and len(a["bbox"]) == 4 for a in coco["annotations"])
     r = runner.invoke(app, args)  # a finished run leaves no journal: rerunning relabels to the same answer
     assert r.exit_code == 0 and json.loads(out.read_text()) == coco
+
+
+@pytest.mark.slow
+def test_label_killed_mid_run_resumes_to_the_uninterrupted_answer(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fiore.label import journal_path
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + 5 * i, 36), (40 * i, 90, 250 - 40 * i)).save(folder / f"{i}.png")
+    common = ["--model", str(model_dir), "--max-new-tokens", "6", "-b", "1"]
+    reference = tmp_path / "reference.json"
+    assert runner.invoke(app, ["label", str(folder), "--out", str(reference), *common]).exit_code == 0
+
+    out = tmp_path / "labels.json"
+    cmd = [sys.executable, "-m", "fiore.cli", "label", str(folder), "--out", str(out), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    journal = journal_path(out)
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and journal.read_text().count("\n") >= 3):  # header + 2 images
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not out.exists()
+    done = journal.read_text().count("\n") - 1
+    assert 2 <= done < 6
+    r = runner.invoke(app, ["label", str(folder), "--out", str(out), *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text()) == json.loads(reference.read_text())
+    assert not journal.exists()
