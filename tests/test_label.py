@@ -89,7 +89,7 @@ def test_torn_journal_line_and_option_mismatch(tmp_path):
     # a run killed while writing its second record: header, one whole record, half a line
     full = FakeFlorence()
     journal = journal_path(out)
-    header = {"fiore_label_journal": 1, "task": "od", "text": None}
+    header = {"fiore_label_journal": 1, "task": "od", "text": None, "model": None}
     from fiore.draw import to_coco
     from fiore.jobs import open_image
 

@@ -105,6 +105,7 @@ def test_json_body_and_all(server):
         (dict(data={"task": "vqa", "text": "x" * 51}), 413, "limit of 50"),
         (dict(data={"task": "od"}, image=png(501, 500)), 413, "limit of 250000"),
         (dict(data={"task": "od"}, image=b"not an image"), 400, "cannot read image"),
+        (dict(data={"task": "od"}, image=png(1, 1)), 400, "each side must be at least"),
         (dict(data={"task": "od"}, image=b"\0" * 200_001), 413, "limit of 200000 bytes"),
     ],
 )

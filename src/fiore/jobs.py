@@ -18,15 +18,8 @@ class InputError(ValueError):
 
 def open_image(src: str | Path | bytes):
     """RGB PIL image from a path or bytes, via `fiore.processor.load_image` (EXIF applied, clear errors)."""
-    try:
-        from fiore.processor import load_image
-    except ImportError:  # processor not available: plain PIL with EXIF orientation
-        import io
+    from fiore.processor import load_image
 
-        from PIL import Image, ImageOps
-
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
     return load_image(src)
 
 

@@ -141,7 +141,9 @@ def label_folder(
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     out.parent.mkdir(parents=True, exist_ok=True)
     journal = journal_path(out)
-    header = {"fiore_label_journal": 1, "task": task, "text": text}
+    # A journal only resumes a run of the same task, text and model.
+    source = getattr(florence, "source", None)
+    header = {"fiore_label_journal": 1, "task": task, "text": text, "model": None if source is None else str(source)}
     done = read_journal(journal, header)
     if not journal.exists() or journal.stat().st_size == 0:
         _append(journal, [header])

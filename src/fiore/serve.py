@@ -172,25 +172,25 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int):
-    """PIL RGB image from bytes; the pixel limit is checked from the header, before any decoding."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """PIL RGB image from bytes via `fiore.processor.load_image`; over `max_pixels` (read from the header, before
+    any decoding) -> 413, unreadable -> 400."""
+    from PIL import Image
+
+    from fiore.processor import ImageError, load_image
 
     if not data:
         raise HTTPError(400, "image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise HTTPError(413, f"image has {w}x{h}={w * h} pixels, more than the limit of {max_pixels}")
-            im.load()
-            image = ImageOps.exif_transpose(im).convert("RGB")
-    except HTTPError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except Exception:
+        w = h = 0  # not an image: load_image names the problem below
+    if w * h > max_pixels:
+        raise HTTPError(413, f"image has {w}x{h}={w * h} pixels, more than the limit of {max_pixels}")
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except ImageError as e:
         raise HTTPError(400, f"cannot read image: {e}") from None
-    if min(image.size) < 1:
-        raise HTTPError(400, "image has no pixels")
-    return image
 
 
 def decode_base64_image(value) -> bytes:
