@@ -239,8 +239,8 @@ def test_captions_label_groundings_and_vocabulary(scenes):
         for t in s.texts:
             assert f'"{t.text}"' in s.captions["detailed_caption"]
             assert f'"{t.text}"' in s.captions["more_detailed_caption"]
-        largest = max(s.objects, key=lambda o: o.attributes["area"])
-        assert s.label == largest.label
+        assert s.label in lexicon.BACKGROUNDS
+        assert f"on a {lexicon.BACKGROUNDS[s.label]} background" in s.captions["detailed_caption"]
         assert set(s.vocabulary) == {o.label for o in s.objects} | {
             f"{o.attributes['color']} {o.label}" for o in s.objects
         }

@@ -152,11 +152,13 @@ def questions(sample: Sample) -> list[QA]:
     return qas
 
 
-def label(objects: list[Object]) -> str | None:
-    """Classification label: the shape of the object with the most visible pixels (first in raster order on ties)."""
-    if not objects:
-        return None
-    return max(objects, key=lambda o: o.attributes["area"]).label
+def label(background: str) -> str:
+    """Classification label: the scene's background kind (solid, gradient, noise, stripes).
+
+    A property of the whole image with no near-ties: an earlier rule (the shape of the largest object) was often
+    decided by a few pixels between two objects, which made the label ill-posed rather than hard.
+    """
+    return background
 
 
 def vocabulary(objects: list[Object]) -> list[str]:
@@ -190,6 +192,6 @@ def annotate(sample: Sample, background: str) -> Sample:
         if expr is not None:
             sample.refs.append(Ref(expr, i))
     sample.qas = questions(sample)
-    sample.label = label(sample.objects)
+    sample.label = label(background)
     sample.vocabulary = vocabulary(sample.objects)
     return sample
