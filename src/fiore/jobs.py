@@ -74,9 +74,9 @@ def make_jobs(task_names: Sequence[str], text: str | None, region, image_size: t
     jobs = []
     for t in expand_tasks(task_names):
         if t.inputs == "text" and text is None:
-            raise InputError(f"task {t.name} needs text (a caption, expression or class names)")
+            raise InputError(f"task {t.name} needs text ({t.description})")
         if t.inputs == "region" and region is None:
-            raise InputError(f"task {t.name} needs a region x1,y1,x2,y2 in pixels")
+            raise InputError(f"task {t.name} needs a region x1,y1,x2,y2 in pixels ({t.description})")
         t_text = text if t.inputs == "text" else None
         t_region = region if t.inputs == "region" else None
         try:
