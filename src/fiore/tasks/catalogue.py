@@ -82,10 +82,16 @@ def _region_seg(s: Sample) -> list[Example]:
     ]
 
 
+def _names(query: str, o) -> bool:
+    """A query ("star", "red star") names an object when each of its words is the label or a description word."""
+    words = {w.casefold() for w in (o.description or "").split()} | {o.label.casefold()}
+    return bool(query.split()) and all(w.casefold() in words for w in query.split())
+
+
 def _ovd(s: Sample) -> list[Example]:
     out = []
     for entry in s.vocabulary:
-        objs = [o for o in s.objects if o.label.casefold() == entry.casefold()]
+        objs = [o for o in s.objects if _names(entry, o)]
         if objs:
             boxes = Boxes([list(o.box) for o in objs], [entry] * len(objs), task="open_vocabulary_detection")
             out.append(Example(text=entry, target=Mixed(boxes=boxes, task="open_vocabulary_detection")))
