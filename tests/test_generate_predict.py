@@ -331,3 +331,18 @@ def test_bad_inputs_are_named(florence):
         predictor.classify(florence, im, ["<loc_1>"])
     with pytest.raises(ValueError, match="score_mode"):
         predictor.predict(florence, im, "od", score_mode="mean")
+
+
+def test_florence_methods_bind_the_predictor(florence, tok):
+    import fiore
+
+    f = fiore.Florence(florence.model, florence.config, tokenizer=tok)
+    im = image(14)
+    assert _summary(f.predict(im, "od", max_new_tokens=5)) == _summary(
+        predictor.predict(florence, im, "od", max_new_tokens=5)
+    )
+    both = f.run(im, ["caption", "od"], max_new_tokens=5)
+    assert _summary(both["od"]) == _summary(predictor.predict(florence, im, "od", max_new_tokens=5))
+    assert dict(f.classify(im, ["cat", "dog"]).ranking) == pytest.approx(
+        dict(predictor.classify(florence, im, ["cat", "dog"]).ranking)
+    )

@@ -85,6 +85,26 @@ class Florence:
                 shutil.copy2(f, path / f.name)
         return path
 
+    # -- inference (issue 4): thin bindings; the work is in fiore.predictor and fiore.generate --------------------
+
+    def predict(self, images, task, text=None, region=None, **options):
+        """One task on one image (-> Result) or a list of images (-> list[Result]). See `fiore.predictor.predict`."""
+        from fiore.predictor import predict
+
+        return predict(self, images, task, text=text, region=region, **options)
+
+    def run(self, images, tasks, **options):
+        """Many tasks, one vision encoding per image (-> {task: Result}, or a list of them). See `predictor.run`."""
+        from fiore.predictor import run
+
+        return run(self, images, tasks, **options)
+
+    def classify(self, image, labels, region=None, task=None):
+        """Rank candidate labels by sequence log-likelihood (-> Label with `ranking`). See `predictor.classify`."""
+        from fiore.predictor import classify
+
+        return classify(self, image, labels, region=region, task=task)
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"Florence({n / 1e6:.1f}M params, {self.dtype}, {self.device}, source={self.source})"
