@@ -137,6 +137,18 @@ def test_json_errors_and_no_url_fetching(server):
     assert fake.calls == []
 
 
+def test_chunked_body_over_the_limit_is_cut_off(server):
+    url, fake = server
+
+    def chunks():  # no Content-Length: the server must count while reading
+        for _ in range(30):
+            yield b"\0" * 10_000
+
+    r = httpx.post(f"{url}/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit of 200000 bytes" in r.json()["error"]
+    assert fake.calls == []
+
+
 def test_api_key():
     with running_server(create_app(FakeFlorence(), ServeConfig(api_key="s3cret"))) as url:
         files = {"image": ("x.png", png(), "image/png")}
