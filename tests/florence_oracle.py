@@ -151,9 +151,14 @@ def fiore_greedy(model, pixel_values, prompt, steps: int, start_id: int = 2, sup
 
     Token `suppress` (EOS) is never chosen, so random-weight models run the full length (HF: suppress_tokens).
     """
-    hidden, mask = model.encode(model.encode_image(pixel_values), prompt)
+    return greedy_from(model, *model.encode(model.encode_image(pixel_values), prompt), steps, start_id, suppress)
+
+
+@torch.no_grad()
+def greedy_from(model, hidden, mask, steps: int, start_id: int = 2, suppress: int = 2) -> torch.Tensor:
+    """`fiore_greedy` from an encoder output (B, N, d) and mask (B, N)."""
     cache = model.new_cache(hidden, mask, max_length=steps + 1)
-    ids = torch.full((prompt.shape[0], 1), start_id)
+    ids = torch.full((hidden.shape[0], 1), start_id)
     for _ in range(steps):
         logits = model.logits(model.decode(ids[:, -1:], None, None, cache))
         logits[..., suppress] = float("-inf")
