@@ -346,3 +346,15 @@ def test_florence_methods_bind_the_predictor(florence, tok):
     assert dict(f.classify(im, ["cat", "dog"]).ranking) == pytest.approx(
         dict(predictor.classify(florence, im, ["cat", "dog"]).ranking)
     )
+
+
+def test_ids_beyond_the_tokenizer_are_dropped_with_a_warning(tok):
+    """Native checkpoints have embedding rows past the tokenizer (padding); generating one must not crash."""
+    config = micro_config(tok.vocab_size + 8)
+    torch.manual_seed(1)
+    model = FlorenceModel(config).eval()
+    script = [tok.bos_id, *tok.encode("red"), tok.vocab_size + 3, *tok.encode(" ball"), tok.eos_id]
+    holder = Holder(Scripted(model, script, margin=(3.0,)), config, tok)
+    r = predictor.predict(holder, image(15), "caption", max_new_tokens=10)
+    assert r.text == "red ball" and not r.truncated
+    assert any("outside the tokenizer" in w for w in r.warnings)

@@ -119,11 +119,18 @@ def _decode_rows(florence, features, sizes, rows: list[_Row], config: Generation
         del hidden, mask
         for i, seq in zip(chunk, seqs, strict=True):
             row = rows[i]
-            text = tok.decode(seq.ids)
-            logprobs = list(zip(tok.pieces(seq.ids), seq.token_logprobs, strict=True))
+            # native checkpoints pad the embedding past the tokenizer (51289 -> 51328 rows): such ids have no text
+            known = [(t, lp) for t, lp in zip(seq.ids, seq.token_logprobs, strict=True) if t < tok.vocab_size]
+            ids = [t for t, _ in known]
+            text = tok.decode(ids)
+            logprobs = list(zip(tok.pieces(ids), [lp for _, lp in known], strict=True))
             result = row.task.parse(text, sizes[row.image], token_logprobs=logprobs, score_mode=score_mode)
             result.task = result.task or row.task.name
             result.truncated = seq.truncated
+            if len(known) != len(seq.ids):
+                result.warnings.append(
+                    f"{len(seq.ids) - len(known)} generated token(s) outside the tokenizer's vocabulary were dropped"
+                )
             if seq.truncated:
                 result.warnings.append(
                     f"output truncated at max_new_tokens={row.limit}; pass a larger max_new_tokens for the full output"
