@@ -237,3 +237,16 @@ def test_bad_inputs_raise_clear_errors():
         model.encode(feats, torch.tensor([[0, 5, 2]]), torch.tensor([[1, 1]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.new_cache(*model.encode(feats, torch.tensor([[0, 5, 2]])), max_length=5000)
+
+
+def test_missing_encoder_mask_means_attend_everything(model):
+    m = model
+    torch.manual_seed(8)
+    with torch.no_grad():
+        hidden, mask = m.encode(m.encode_image(torch.randn(1, 3, 64, 64)), prompt_ids(1, 5, NATIVE_VOCAB))
+        dec = torch.tensor([[2, 0, 9]])
+        full = m.logits(m.decode(dec, hidden, mask))
+        assert torch.equal(m.logits(m.decode(dec, hidden, None)), full)
+        cache = m.new_cache(hidden, None, max_length=3)
+        assert cache.encoder_mask.all() and cache.encoder_mask.shape == mask.shape
+        assert max_diff(m.logits(m.decode(dec, None, None, cache)), full) < 1e-5

@@ -143,11 +143,12 @@ class FlorenceModel(nn.Module):
 
         Without a cache: a full causal pass over `decoder_input_ids` (training, scoring). With a cache: the tokens
         continue at position `cache.length`, their K/V are appended to the cache, and the cache's cross-attention
-        K/V and `cache.encoder_mask` are used, so `encoder_hidden`/`encoder_mask` may be None.
+        K/V and `cache.encoder_mask` are used, so `encoder_hidden`/`encoder_mask` may be None. A None
+        `encoder_mask` without a cache means every encoder position is attended.
         """
         if cache is None:
-            if encoder_hidden is None or encoder_mask is None:
-                raise ValueError("decode without a cache needs encoder_hidden and encoder_mask")
+            if encoder_hidden is None:
+                raise ValueError("decode without a cache needs encoder_hidden")
             return self.language_model.decoder(decoder_input_ids, encoder_hidden, encoder_mask)
         if decoder_input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
@@ -158,8 +159,13 @@ class FlorenceModel(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def new_cache(self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_length: int) -> DecoderCache:
-        """Allocate self-attention buffers for `max_length` decoder tokens and compute every layer's cross K/V once."""
+    def new_cache(
+        self, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor | None, max_length: int
+    ) -> DecoderCache:
+        """Allocate self-attention buffers for `max_length` decoder tokens and compute every layer's cross K/V once.
+
+        encoder_hidden (B, N, d), encoder_mask (B, N) bool or None (= attend to all N).
+        """
         limit = self.config.text.max_position_embeddings
         if not 0 < max_length <= limit:
             raise ValueError(f"max_length must be in 1..{limit} (max_position_embeddings), got {max_length}")
@@ -173,6 +179,8 @@ class FlorenceModel(nn.Module):
             k, v = layer.encoder_attn.kv(encoder_hidden)
             cross_k.append(k)
             cross_v.append(v)
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device)
         return DecoderCache(self_k, self_v, cross_k, cross_v, encoder_mask.to(torch.bool))
 
     def forward(

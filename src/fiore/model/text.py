@@ -141,7 +141,7 @@ class DecoderLayer(_FFN):
         self,
         x: torch.Tensor,
         encoder_hidden: torch.Tensor | None,
-        encoder_mask: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
         cache: DecoderCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -207,13 +207,13 @@ class Decoder(_Stack):
         self,
         input_ids: torch.Tensor,
         encoder_hidden: torch.Tensor | None,
-        encoder_mask: torch.Tensor,
+        encoder_mask: torch.Tensor | None,
         cache: DecoderCache | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, t), encoder_hidden (B, N, d), encoder_mask (B, N) bool -> (B, t, d)."""
+        """input_ids (B, t), encoder_hidden (B, N, d), encoder_mask (B, N) bool or None (all) -> (B, t, d)."""
         start = 0 if cache is None else cache.length
         x = self._start(self.embed(input_ids), start)
-        mask4 = encoder_mask[:, None, None, :]
+        mask4 = None if encoder_mask is None else encoder_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             if cache is None and self._checkpointing():
                 x = checkpoint(layer, x, encoder_hidden, mask4, use_reentrant=False)
