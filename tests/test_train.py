@@ -31,10 +31,17 @@ def records(out_dir: Path) -> list[dict]:
 
 
 def test_short_run_loss_falls_and_final_model_loads(tmp_path):
-    final = train(smoke(tmp_path, **{"optim.steps": 8}))
+    evals = {"train.eval_every": 4, "train.eval_samples": 2, "train.eval_tasks": ["classify", "od"]}
+    final = train(smoke(tmp_path, **{"optim.steps": 8}, **evals))
     losses = [r["loss"] for r in records(tmp_path) if "loss" in r]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < losses[0] - 0.5, losses
+    # held-out loss + the eval runner at step 4 and at the end; the full report is saved
+    evaluated = [r for r in records(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [4, 8]
+    assert evaluated[1]["val_loss"] < evaluated[0]["val_loss"]
+    assert any(k.startswith("classify/") for k in evaluated[1]["eval"])
+    assert (tmp_path / "eval" / "report.json").is_file()
     florence = fiore.load(final)
     assert florence.tokenizer.vocab_size == florence.config.text.vocab_size
     assert florence.config.image_size == (64, 64)

@@ -368,36 +368,24 @@ class Evaluator:
         weights = loss_module.weights
         return {"val_loss": float(combine(total_sum, total_tok, weights)), "val_task_loss": per_task}
 
-    def metrics(self, model, model_config, tokenizer) -> dict:
-        """The eval runner on `eval_samples` held-out synthetic samples (fiore.eval.runner contract)."""
+    def report(self, model, model_config, tokenizer):
+        """The eval runner's Report on `eval_samples` held-out synthetic samples; generation is capped at
+        `max_target_tokens` (no target the model saw was longer)."""
         from fiore.data.synthetic import make_sample
         from fiore.eval.runner import evaluate
+        from fiore.florence import Florence
 
-        florence = _florence(model, model_config, tokenizer)
-        samples = [make_sample(self.config.data.eval_seed, i) for i in range(self.config.train.eval_samples)]
-        tasks = self.config.train.eval_tasks or self.names
+        t = self.config.train
+        samples = [make_sample(self.config.data.eval_seed, i) for i in range(t.eval_samples)]
         was_training = model.training
         model.eval()
         try:
-            report = evaluate(florence, samples, tasks)
+            florence = Florence(model, model_config, tokenizer=tokenizer)
+            return evaluate(
+                florence, samples, t.eval_tasks or self.names, progress=False, max_new_tokens=t.max_target_tokens
+            )
         finally:
             model.train(was_training)
-        return _report_dict(report)
-
-
-def _florence(model, model_config, tokenizer):
-    from fiore import Florence
-
-    return Florence(model, model_config, tokenizer=tokenizer)
-
-
-def _report_dict(report) -> dict:
-    for name in ("to_dict", "to_json", "summary"):
-        fn = getattr(report, name, None)
-        if callable(fn):
-            out = fn()
-            return json.loads(out) if isinstance(out, str) else out
-    return {"report": str(report)}
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -577,13 +565,11 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
 def _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, step, full: bool) -> None:
     with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG streams
         record = {"step": step, **evaluator.loss(loss_module, world.device)}
-        try:
-            record["eval"] = evaluator.metrics(model, model_config, tokenizer)
-        except ImportError as e:  # the eval runner is optional at train time
-            record["eval_error"] = f"eval runner unavailable: {e}"
+        report = evaluator.report(model, model_config, tokenizer)
+    record["eval"] = {k: (None if v != v else round(v, 4)) for k, v in report.headline().items()}  # NaN -> null
     logger.write(record, echo=True)
     if full:
-        (Path(evaluator.config.train.out_dir) / "eval.json").write_text(json.dumps(record, indent=2))
+        report.save(Path(evaluator.config.train.out_dir) / "eval" / "report.json")
 
 
 def _checkpoint(ckpt_root, step, model, model_config, tokenizer, optimizer, world, keep) -> None:
