@@ -122,3 +122,54 @@ def test_ddp_two_processes_keep_ranks_identical(tmp_path):
     assert len(sums) == 1 and len(sums[0]) == 2 and sums[0][0] == sums[0][1]
     assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3]
     assert fiore.load(tmp_path / "final").model is not None
+
+
+def _loss_inputs(vocab: int, B: int = 2, K: int = 2, size: int = 64):
+    g = torch.Generator().manual_seed(0)
+    R = B * K
+    labels = torch.randint(4, vocab, (R, 7), generator=g)
+    labels[0, 4:] = -100  # a shorter row: padding is ignored
+    return (
+        torch.randn(B, 3, size, size, generator=g),
+        torch.arange(B).repeat_interleave(K),
+        torch.randint(4, vocab, (R, 5), generator=g),
+        torch.ones(R, 5, dtype=torch.bool),
+        torch.cat([torch.full((R, 1), 2), labels[:, :-1].clamp_min(1)], dim=1),
+        labels,
+        torch.tensor([0, 1] * B),
+    )
+
+
+def _smoke_model():
+    from fiore.config import preset
+    from fiore.model import FlorenceModel
+
+    m = load_config(SMOKE).model
+    cfg = preset("tiny").replace(text={**m.text, "vocab_size": 500}, vision=dict(m.vision), image_size=m.image_size)
+    torch.manual_seed(0)
+    return FlorenceModel(cfg).train()
+
+
+def test_gradient_checkpointing_and_grouped_decoding_give_the_same_gradients():
+    from fiore.train.loop import MultiTaskLoss
+
+    x = _loss_inputs(500)
+    grads = []
+    for ckpt, groups in ((False, 1), (True, 1), (False, 3)):
+        model = _smoke_model()
+        model.set_gradient_checkpointing(ckpt)
+        loss, _, tokens = MultiTaskLoss(model, [1.0, 2.0], decode_groups=groups)(*x)
+        loss.backward()
+        assert tokens.sum() == (x[5] != -100).sum()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_step_runs():
+    from fiore.train.loop import MultiTaskLoss
+
+    model = _smoke_model()
+    loss, _, _ = MultiTaskLoss(model, [1.0, 1.0], precision="bf16")(*_loss_inputs(500))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -72,7 +72,8 @@ class TrainSection:
     decode_groups: int = 4  # rows are decoded in this many length-sorted groups (less padding)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # older step_N dirs are deleted
-    eval_every: int = 0  # 0 = only at the end; < 0 = never
+    eval_every: int = 0  # eval runner (generation, metrics) + held-out loss: every N steps; 0 = at the end; < 0 = never
+    val_every: int = 0  # held-out loss alone (cheap, teacher-forced) every N steps; 0 = never
     eval_samples: int = 32  # held-out images for the eval runner and the held-out loss
     eval_tasks: list[str] | None = None  # default: every training task
     log_every: int = 10

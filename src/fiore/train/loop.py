@@ -477,7 +477,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             loss_module, device_ids=[world.device.index] if world.device.type == "cuda" else None
         )
     evaluator = None
-    if world.is_main and t.eval_every >= 0:
+    if world.is_main and (t.eval_every >= 0 or t.val_every > 0):
         eval_set = MixtureDataset(mixture, make_sample, processor.pixel_values, config.data.eval_seed, micro_images)
         evaluator = Evaluator(config, eval_set, mixture.names)
 
@@ -537,8 +537,12 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
                 )
                 window = {"t0": time.perf_counter(), "images": 0, "rows": 0, "sum": 0.0, "tok": 0.0}
 
-            if evaluator is not None and t.eval_every > 0 and done % t.eval_every == 0 and done != o.steps:
-                _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, done, full=False)
+            if evaluator is not None and done != o.steps:
+                if t.eval_every > 0 and done % t.eval_every == 0:
+                    _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, done, full=False)
+                elif t.val_every > 0 and done % t.val_every == 0:
+                    with torch.random.fork_rng(devices=[]):
+                        logger.write({"step": done, **evaluator.loss(loss_module, world.device)}, echo=True)
 
             if done % t.checkpoint_every == 0 or done == o.steps:
                 _checkpoint(ckpt_root, done, model, model_config, tokenizer, optimizer, world, t.keep_checkpoints)
@@ -553,9 +557,13 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             export(model, model_config, tokenizer, tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.replace(final)
-            if evaluator is not None:
+        ddp.barrier(world)  # the other ranks are done; rank 0 evaluates alone
+        if evaluator is not None:
+            if t.eval_every >= 0:
                 _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, o.steps, full=True)
-        ddp.barrier(world)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    logger.write({"step": o.steps, **evaluator.loss(loss_module, world.device)}, echo=True)
         return final
     finally:
         logger.close()
