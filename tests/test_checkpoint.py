@@ -233,4 +233,8 @@ def test_tokenizer_files_travel_with_save(native, tmp_path):
     florence.save(tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (TOKENIZER_DIR / "tokenizer.json").read_bytes()
     tokenizer = pytest.importorskip("fiore.tokenizer", reason="fiore.tokenizer not written yet")
-    assert isinstance(fiore.load(tmp_path / "out").tokenizer, tokenizer.Tokenizer)
+    reloaded = fiore.load(tmp_path / "out")
+    assert isinstance(reloaded.tokenizer, tokenizer.Tokenizer)
+    reloaded.save(tmp_path / "again")  # tokenizer loaded: it saves itself; processor files still come along
+    assert (tmp_path / "again" / "preprocessor_config.json").exists()
+    assert isinstance(fiore.load(tmp_path / "again").tokenizer, tokenizer.Tokenizer)

@@ -80,9 +80,11 @@ class Florence:
         """Write a transformers-native checkpoint directory (config, weights and tokenizer files)."""
         path = Path(path)
         save_checkpoint(self.model, self.config, path, tokenizer=self._tokenizer)
-        if self._tokenizer is None and self.source is not None and self.source.resolve() != path.resolve():
-            for f in tokenizer_files(self.source):  # tokenizer never loaded: carry its files over unchanged
-                shutil.copy2(f, path / f.name)
+        if self.source is not None and self.source.resolve() != path.resolve():
+            # Carry over tokenizer/processor files the save did not write (all of them if never loaded).
+            for f in tokenizer_files(self.source):
+                if not (path / f.name).exists():
+                    shutil.copy2(f, path / f.name)
         return path
 
     # -- inference (issue 4): thin bindings; the work is in fiore.predictor and fiore.generate --------------------
