@@ -29,6 +29,11 @@ class FakeCache:
         c.length = self.length
         return c
 
+    def reorder(self, index):
+        """Self-attention part only (as DecoderCache.reorder): misuse across items leaves wrong summaries."""
+        self.state = self.state[index]
+        return self
+
 
 class FakeDecoder:
     """state_t = tanh(E[tok_t] + A state_{t-1} + summary); logits = W state + eos bias (+ ramp * position).

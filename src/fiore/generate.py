@@ -177,6 +177,11 @@ def _select(cache, index: torch.Tensor):
     return cache if out is None else out
 
 
+def _reorder(cache, index: torch.Tensor):
+    out = cache.reorder(index)
+    return cache if out is None else out
+
+
 def _chosen_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without materialising the full (R, V) log-softmax. logits (R, V), tokens (R,)."""
     return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
@@ -344,7 +349,10 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
         if live.numel() == 0:
             break
         rows = (live.unsqueeze(1) * k + parent[live]).reshape(-1)  # cache rows the surviving beams continue
-        cache = _select(cache, rows)
+        if live.numel() == Bl and hasattr(cache, "reorder"):
+            cache = _reorder(cache, rows)  # beams stay within their item: cross-attention K/V need no copy
+        else:
+            cache = _select(cache, rows)
         if live.numel() != Bl:
             items, item_limit = items[live], item_limit[live]
             run_seq, run_lp, run_score, parent = run_seq[live], run_lp[live], run_score[live], parent[live]

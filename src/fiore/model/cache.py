@@ -67,3 +67,14 @@ class DecoderCache:
         self.cross_k, self.cross_v = pick(self.cross_k), pick(self.cross_v)
         self.encoder_mask = self.encoder_mask.index_select(0, index)
         return self
+
+    def reorder(self, index: torch.Tensor) -> DecoderCache:
+        """Beam-search reorder: like `select`, but the cross-attention K/V stay where they are.
+
+        Only valid when every row `i` and its source row `index[i]` were computed from the same encoder output
+        (beams of one item). Skips copying the cross-attention K/V, the larger part of the cache. Returns `self`.
+        """
+        index = index.to(self.encoder_mask.device)
+        self.self_k = [t.index_select(0, index) for t in self.self_k]
+        self.self_v = [t.index_select(0, index) for t in self.self_v]
+        return self
