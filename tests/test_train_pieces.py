@@ -13,7 +13,15 @@ import torch
 from fiore.train import checkpointing
 from fiore.train.config import ConfigError, TrainConfig, load_config, parse_override
 from fiore.train.loop import Schedule
-from fiore.train.mixture import IGNORE_INDEX, Mixture, MixtureDataset, collate, combine, task_losses
+from fiore.train.mixture import (
+    IGNORE_INDEX,
+    Mixture,
+    MixtureDataset,
+    collate,
+    combine,
+    task_losses,
+    token_cross_entropy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +46,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     p.write_text('[model]\npreset = "tiny"\ncheckpoint = "x"\n')
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(p)
-    p.write_text('[tasks]\nod = -1\n')
+    p.write_text("[tasks]\nod = -1\n")
     with pytest.raises(ConfigError, match="od"):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
@@ -173,6 +181,21 @@ def test_loss_normalisation_is_weighted_mean_of_per_task_token_means():
     assert n.tolist() == [3, 0, 4]
     w = torch.tensor([1.0, 5.0, 3.0])  # task 1 absent: its weight drops out
     torch.testing.assert_close(combine(s, n, w), (1 * l0 + 3 * l2) / 4)
+
+
+def test_token_cross_entropy_matches_torch_values_and_gradients():
+    torch.manual_seed(0)
+    logits = (torch.randn(9, 50) * 4).requires_grad_()
+    targets = torch.randint(0, 50, (9,))
+    weights = torch.rand(9)
+    ours = token_cross_entropy(logits, targets)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    small = logits.detach()[:3, :8].double().requires_grad_()
+    assert torch.autograd.gradcheck(token_cross_entropy, (small, targets[:3] % 8))
 
 
 # ------------------------------------------------------------------------------------------------ schedule, ckpt

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from fiore.train import checkpointing, ddp
 from fiore.train.config import TrainConfig
-from fiore.train.mixture import IGNORE_INDEX, Batch, Mixture, MixtureDataset, combine, loader
+from fiore.train.mixture import IGNORE_INDEX, Batch, Mixture, MixtureDataset, combine, loader, token_cross_entropy
 
 # Named parts for `[train] freeze`: (name prefixes, substrings excluded). Tied token embeddings belong to
 # "embeddings" only, so freezing "encoder" leaves the shared embedding (also the LM head) trainable.
@@ -145,7 +145,8 @@ class MultiTaskLoss(nn.Module):
     """The whole training forward as one module, so DDP's forward hook sees it. Returns (loss, loss_sum, tokens).
 
     Target lengths vary a lot (a class name vs. a paragraph or a polygon), so rows are sorted by label length and
-    decoded in `decode_groups` groups, each padded only to its own longest row; only real label tokens reach the
+    decoded in up to `decode_groups` groups (as many as pay off, see `length_groups`), each padded only to its own
+    longest row; only real label tokens reach the
     LM head. Same loss as one padded pass, a fraction of the decoder work.
     """
 
@@ -166,6 +167,7 @@ class MultiTaskLoss(nn.Module):
         valid = labels != IGNORE_INDEX  # (R, T)
         lengths = valid.sum(1)  # (R,)
         order = lengths.argsort(stable=True)
+        groups = length_groups(lengths[order].tolist(), self.decode_groups)
         with self.autocast(pixel_values.device):
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
@@ -173,20 +175,38 @@ class MultiTaskLoss(nn.Module):
             features = features.index_select(0, image_index)  # (R, N, d)
             hidden, mask = model.encode(features, input_ids, attention_mask)  # (R, N+Tp, d)
             states, targets, token_task = [], [], []
-            for rows in order.chunk(self.decode_groups):
+            for rows in order.split(groups):
                 T = int(lengths[rows].max())
                 h = model.decode(decoder_input_ids[rows, :T], hidden[rows], mask[rows])  # (r, T, d)
                 keep = valid[rows, :T]
                 states.append(h[keep])
                 targets.append(labels[rows, :T][keep])
                 token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
-            logits = model.logits(torch.cat(states).unsqueeze(0))[0]  # (n_tokens, V) float32
+            logits = model.logits(torch.cat(states).unsqueeze(1)).squeeze(1)  # (n_tokens, V) float32; a view, no copy
         targets, token_task = torch.cat(targets), torch.cat(token_task)
-        ce = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        ce = token_cross_entropy(logits.float(), targets)
         K = self.weights.numel()
         loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)
         tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(0, token_task, torch.ones_like(ce))
         return combine(loss_sum, tokens, self.weights), loss_sum.detach(), tokens
+
+
+def length_groups(sorted_lengths: list[int], max_groups: int, overhead: float = 0.1) -> list[int]:
+    """Sizes of consecutive groups of length-sorted rows to decode separately.
+
+    Each group pads to its own longest row. Tries 1..max_groups near-equal groups and takes the fewest whose padded
+    token count is within `overhead` (per extra group) of the best: one more decoder call only when it saves work.
+    """
+    R = len(sorted_lengths)
+    best = None
+    for g in range(1, min(max_groups, R) + 1):
+        sizes = [R // g + (i < R % g) for i in range(g)]
+        ends = [sum(sizes[: i + 1]) for i in range(g)]
+        padded = sum(n * sorted_lengths[e - 1] for n, e in zip(sizes, ends, strict=True))
+        cost = padded * (1 + overhead * (g - 1))
+        if best is None or cost < best[0]:
+            best = (cost, sizes)
+    return best[1]
 
 
 def _call(module: nn.Module, batch: Batch):

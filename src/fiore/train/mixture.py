@@ -155,6 +155,30 @@ def collate(pixel_values: torch.Tensor, rows_per_image: Sequence[list[Row]], pad
     )
 
 
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token CE from logits (n, V) with one (n, V) buffer in the backward instead of PyTorch's three
+    (log_softmax output, nll grad, log_softmax grad): at a 51k vocabulary these passes cost as much as a layer."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=1)  # (n,)
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        probs = torch.sub(logits, lse.unsqueeze(1)).exp_()  # softmax, (n, V)
+        probs.scatter_add_(1, targets.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+        return probs.mul_(grad.unsqueeze(1)), None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (n, V) float32, targets (n,) -> per-token cross-entropy (n,); same values and gradients as
+    `F.cross_entropy(logits, targets, reduction="none")`."""
+    return _TokenCrossEntropy.apply(logits, targets)
+
+
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, task_index: torch.Tensor, num_tasks: int):
     """Per-task mean token CE. logits (R,T,V), labels (R,T), task_index (R,) -> (loss_sum (K,), tokens (K,))."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
