@@ -358,3 +358,24 @@ def test_ids_beyond_the_tokenizer_are_dropped_with_a_warning(tok):
     r = predictor.predict(holder, image(15), "caption", max_new_tokens=10)
     assert r.text == "red ball" and not r.truncated
     assert any("outside the tokenizer" in w for w in r.warnings)
+
+
+def test_budgets_fit_the_decoder_positions(florence):
+    positions = florence.config.text.max_position_embeddings  # 256 in the micro config; od's default is 1024
+    with pytest.raises(ValueError, match="decoder positions"):
+        predictor.predict(florence, image(0), "caption", max_new_tokens=positions + 1)
+    with pytest.raises(ValueError, match="num_beams"):
+        predictor.predict(florence, image(0), "caption", num_beams=0)
+    rows = []
+    real = predictor.generate
+
+    def spy(model, hidden, mask, config):
+        rows.append(list(config.max_new_tokens))
+        return real(model, hidden, mask, config)
+
+    predictor.generate = spy
+    try:
+        predictor.run(florence, image(0), ["caption", "od"], max_new_tokens={"caption": 3}, min_new_tokens=0)
+    finally:
+        predictor.generate = real
+    assert sorted(rows[0]) == [3, positions]  # od's 1024 capped at the model's positions, all of them usable

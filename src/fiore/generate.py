@@ -32,7 +32,8 @@ class GenerationConfig:
     """How to decode.
 
     `max_new_tokens` may be one int or one int per batch row (tasks of one image decoded together each keep their
-    own limit). A row that reaches its limit without an end token is reported `truncated`.
+    own limit); the decoder needs that many positions (`max_position_embeddings`). A row that reaches its limit
+    without an end token is reported `truncated`.
     `forced_bos_token_id` forces the first generated token (Florence targets start with `<s>`);
     `forced_eos_token_id` forces the end token at the last allowed step (transformers' native default; the row is
     still reported truncated).
@@ -200,7 +201,7 @@ def _greedy_or_sample(model, encoder_hidden, encoder_mask, config: GenerationCon
     logprobs = torch.zeros(B, L, dtype=torch.float32, device=device)
     lengths = torch.zeros(B, dtype=torch.long)
 
-    cache = model.new_cache(encoder_hidden, encoder_mask, L + 1)
+    cache = model.new_cache(encoder_hidden, encoder_mask, L)  # the last token is never fed back: L positions
     rows = torch.arange(B, device=device)  # batch row of each live cache row
     all_live = True  # while no row has finished, plain slices replace index lookups
     enc_h, enc_m, row_limit = encoder_hidden, encoder_mask, limit
@@ -278,7 +279,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
     out_seq = fin_seq.clone()
     out_lp, out_score, out_len = fin_lp.clone(), fin_score.clone(), fin_len.clone()
 
-    cache = model.new_cache(encoder_hidden, encoder_mask, L + 1)
+    cache = model.new_cache(encoder_hidden, encoder_mask, L)  # the last token is never fed back: L positions
     cache = _select(cache, torch.arange(B, device=device).repeat_interleave(k))
     enc_h = encoder_hidden.repeat_interleave(k, 0)
     enc_m = None if encoder_mask is None else encoder_mask.repeat_interleave(k, 0)

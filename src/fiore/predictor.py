@@ -80,7 +80,20 @@ def _generation_config(florence, options: dict[str, Any], score_mode: str) -> Ge
         forced_bos_token_id=tok.bos_id,  # Florence targets are `<s> ... </s>`; as the original generation config
     )
     base.update(options)
-    return GenerationConfig(**base)
+    config = GenerationConfig(**base)
+    config.validate(1)  # bad options fail before any image is encoded
+    return config
+
+
+def _budget(florence, task: Task, requested: int | None) -> int:
+    """max_new_tokens for a row: the task's default (capped by the decoder's positions) or the caller's value."""
+    positions = florence.config.text.max_position_embeddings
+    if requested is None:
+        return min(task.max_new_tokens, positions)
+    limit = int(requested)
+    if not 1 <= limit <= positions:
+        raise ValueError(f"max_new_tokens for {task.name} must be in 1..{positions} (decoder positions), got {limit}")
+    return limit
 
 
 def _load_images(florence, images: list) -> list:
@@ -167,7 +180,7 @@ def predict(
     pils = _load_images(florence, images)
     sizes = [im.size for im in pils]
     texts, regions = _per_image(text, len(pils), "text"), _per_image(region, len(pils), "region")
-    limit = task.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    limit = _budget(florence, task, max_new_tokens)
     rows = [
         _Row(i, task, task.prompt(text=t, region=r, image_size=sizes[i]), limit)
         for i, (t, r) in enumerate(zip(texts, regions, strict=True))
@@ -225,11 +238,11 @@ def run(
             if "max_new_tokens" in inputs:
                 limit = inputs["max_new_tokens"]
             elif isinstance(max_new_tokens, Mapping):
-                limit = max_new_tokens.get(task.name, task.max_new_tokens)
+                limit = max_new_tokens.get(task.name)
             else:
-                limit = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+                limit = max_new_tokens
             prompt = task.prompt(text=inputs.get("text"), region=inputs.get("region"), image_size=sizes[i])
-            rows.append(_Row(i, task, prompt, int(limit)))
+            rows.append(_Row(i, task, prompt, _budget(florence, task, limit)))
     features = _encode_images(florence, pils, image_batch)
     results = _decode_rows(florence, features, sizes, rows, config, score_mode, max_rows)
     out = [{} for _ in pils]
