@@ -55,7 +55,9 @@ def test_finetune_with_frozen_parts_leaves_them_bit_identical(tmp_path):
     cfg = load_config(SMOKE, {"train.out_dir": str(tmp_path / "ft"), "optim.steps": 3, "train.checkpoint_every": 3})
     cfg.model.preset, cfg.model.checkpoint = None, str(base)
     cfg.train.freeze = ["vision_tower", "encoder"]
-    final = train(cfg)
+    modes = []
+    final = train(cfg, callback=lambda step, model: modes.append((model.vision_tower.training, model.training)))
+    assert modes == [(False, True)] * 3  # the frozen tower runs in eval mode (no drop-path), the rest trains
 
     before = fiore.load(base).model
     after = fiore.load(final).model

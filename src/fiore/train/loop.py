@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +85,6 @@ def freeze(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(frozen)
 
 
-def set_train_mode(model: nn.Module, frozen_parts: list[str]) -> None:
-    """model.train(), with wholly frozen parts in eval mode: they act as fixed feature extractors."""
-    model.train()
-    for part in frozen_parts:
-        for path in PART_MODULES.get(part, []):
-            with contextlib.suppress(AttributeError):
-                model.get_submodule(path).eval()
-
-
 def vision_frozen(model: nn.Module) -> bool:
     prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
     ps = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
@@ -150,12 +141,28 @@ class MultiTaskLoss(nn.Module):
     LM head. Same loss as one padded pass, a fraction of the decoder work.
     """
 
-    def __init__(self, model: nn.Module, weights: list[float], precision: str = "fp32", decode_groups: int = 4):
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: list[float],
+        precision: str = "fp32",
+        decode_groups: int = 4,
+        frozen_parts: Sequence[str] = (),
+    ):
         super().__init__()
         self.model = model
+        # Wholly frozen parts stay in eval mode while training (no dropout / drop-path): fixed feature extractors.
+        self.eval_paths = [path for part in frozen_parts for path in PART_MODULES.get(part, [])]
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.precision = precision
         self.decode_groups = decode_groups
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for path in self.eval_paths:
+                self.model.get_submodule(path).eval()
+        return self
 
     def autocast(self, device: torch.device):
         if self.precision == "bf16":
@@ -388,7 +395,7 @@ class Evaluator:
         weights = loss_module.weights
         return {"val_loss": float(combine(total_sum, total_tok, weights)), "val_task_loss": per_task}
 
-    def report(self, model, model_config, tokenizer):
+    def report(self, loss_module: MultiTaskLoss, model_config, tokenizer):
         """The eval runner's Report on `eval_samples` held-out synthetic samples; generation is capped at
         `max_target_tokens` (no target the model saw was longer)."""
         from fiore.data.synthetic import make_sample
@@ -397,15 +404,15 @@ class Evaluator:
 
         t = self.config.train
         samples = [make_sample(self.config.data.eval_seed, i) for i in range(t.eval_samples)]
-        was_training = model.training
-        model.eval()
+        was_training = loss_module.training
+        loss_module.eval()
         try:
-            florence = Florence(model, model_config, tokenizer=tokenizer)
+            florence = Florence(loss_module.model, model_config, tokenizer=tokenizer)
             return evaluate(
                 florence, samples, t.eval_tasks or self.names, progress=False, max_new_tokens=t.max_target_tokens
             )
         finally:
-            model.train(was_training)
+            loss_module.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -490,7 +497,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     dataset = MixtureDataset(
         mixture, make_sample, processor.pixel_values, config.data.seed, micro_images, world.rank, world.world_size
     )
-    loss_module = MultiTaskLoss(model, mixture.weights, t.precision, t.decode_groups).to(world.device)
+    loss_module = MultiTaskLoss(model, mixture.weights, t.precision, t.decode_groups, t.freeze).to(world.device)
     step_module = loss_module
     if world.distributed:
         step_module = nn.parallel.DistributedDataParallel(
@@ -504,7 +511,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger = Logger(out_dir / "metrics.jsonl", o.steps, start, world.is_main, t.progress)
     batches = loader(dataset, start * o.grad_accum, config.data.num_workers)
-    set_train_mode(loss_module, [f for f in t.freeze if f in PARTS])
+    loss_module.train()
     names = mixture.names
     window = {"t0": time.perf_counter(), "images": 0, "rows": 0, "sum": 0.0, "tok": 0.0}
     try:
@@ -559,7 +566,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
 
             if evaluator is not None and done != o.steps:
                 if t.eval_every > 0 and done % t.eval_every == 0:
-                    _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, done, full=False)
+                    _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, done, full=False)
                 elif t.val_every > 0 and done % t.val_every == 0:
                     with torch.random.fork_rng(devices=[]):
                         logger.write({"step": done, **evaluator.loss(loss_module, world.device)}, echo=True)
@@ -580,7 +587,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         ddp.barrier(world)  # the other ranks are done; rank 0 evaluates alone
         if evaluator is not None:
             if t.eval_every >= 0:
-                _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, o.steps, full=True)
+                _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, o.steps, full=True)
             else:
                 with torch.random.fork_rng(devices=[]):
                     logger.write({"step": o.steps, **evaluator.loss(loss_module, world.device)}, echo=True)
@@ -590,10 +597,10 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         ddp.cleanup(world)
 
 
-def _evaluate(evaluator, loss_module, model, model_config, tokenizer, world, logger, step, full: bool) -> None:
+def _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, step, full: bool) -> None:
     with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG streams
         record = {"step": step, **evaluator.loss(loss_module, world.device)}
-        report = evaluator.report(model, model_config, tokenizer)
+        report = evaluator.report(loss_module, model_config, tokenizer)
     record["eval"] = {k: (None if v != v else round(v, 4)) for k, v in report.headline().items()}  # NaN -> null
     logger.write(record, echo=True)
     if full:
