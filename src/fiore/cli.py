@@ -200,6 +200,7 @@ def eval_(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     java: bool = typer.Option(False, "--java", help="also compute METEOR (needs Java)"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation (all tasks)"),
+    score_mode: str | None = typer.Option(None, "--score-mode", help="instance confidence: loc or label_loc"),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
@@ -217,9 +218,17 @@ def eval_(
     except (KeyError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
     florence = _load_florence(model, device)
-    meta = {"model": model or "default", "data": str(data)}
+    meta = {"model": model or "default", "data": str(data), "score_mode": score_mode or "default"}
     report = evaluate(
-        florence, samples, task_list, limit, batch_size, java=java, meta=meta, max_new_tokens=max_new_tokens
+        florence,
+        samples,
+        task_list,
+        limit,
+        batch_size,
+        java=java,
+        meta=meta,
+        max_new_tokens=max_new_tokens,
+        score_mode=score_mode,
     )
     report.print(Console())
     paths = report.save(out)

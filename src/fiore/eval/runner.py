@@ -133,12 +133,15 @@ def evaluate(
     java: bool = False,
     meta: dict[str, Any] | None = None,
     max_new_tokens: int | None = None,
+    score_mode: str | None = None,
 ) -> Report:
     """Evaluate `florence` on `samples` (fiore.data.Sample) for `tasks` (names, Task objects, or None = all).
 
     `limit` caps the number of samples; `batch_size` is the number of images (input-less tasks) or prompts (tasks
     with inputs) per engine call; `java` enables METEOR; `max_new_tokens` caps generation for every task (default:
-    each task's own budget). `meta` is copied into the report. Returns the Report (`.save(path)` writes it).
+    each task's own budget); `score_mode` picks the per-instance confidence formula ("loc" or "label_loc", see
+    `fiore.tasks.parsers`; default: the engine's). `meta` is copied into the report. Returns the Report
+    (`.save(path)` writes it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -147,6 +150,8 @@ def evaluate(
     runs = {t.name: _TaskRun(t, java) for t in task_list}
     # Only options actually set are passed, so any engine with run/predict(images, task(s), text, region) works.
     options = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
+    if score_mode is not None:
+        options["score_mode"] = score_mode
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
 
