@@ -70,15 +70,19 @@ def curve(run_dir: str, out: str | None = None) -> None:
     print(f"wrote {path}")
 
 
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def tables(*reports: str) -> None:
     """One Markdown row per task: samples, examples, errors, truncated, and every metric."""
     print("| task | examples | errors | truncated | metrics |")
     print("|---|---|---|---|---|")
     for report in reports:
         for name, t in json.loads(Path(report).read_text())["tasks"].items():
-            metrics = ", ".join(
-                f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in t["metrics"].items() if not isinstance(v, dict)
-            )
+            metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in t["metrics"].items() if not isinstance(v, dict))
             print(f"| {name} | {t['examples']} | {t['errors']} | {t.get('truncated', 0)} | {metrics} |")
 
 

@@ -18,8 +18,10 @@ from fiore.eval.runner import evaluate
 HELD_OUT_SEED = 3000
 N_IMAGES = 24
 
-# metric -> minimum on the 24 held-out images
-THRESHOLDS: dict[str, float] = {}
+# metric -> minimum on the 24 held-out images. The card (500 images of seed 2000) has vqa accuracy 0.411, caption
+# CIDEr 0.188 and BLEU-1 0.293; detection, segmentation and OCR are at zero there and classification at chance
+# (0.26 on four balanced classes), so they carry no threshold that could catch a regression.
+THRESHOLDS: dict[str, float] = {"vqa/accuracy": 0.30, "caption/CIDEr": 0.08, "caption/BLEU-1": 0.20}
 
 
 @pytest.fixture(scope="module")
