@@ -73,6 +73,8 @@ def curve(run_dir: str, out: str | None = None) -> None:
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, str) and v.startswith("skipped"):
+        return "skipped"  # METEOR without Java, SPICE without CoreNLP: the reason is in the report itself
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
