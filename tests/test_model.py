@@ -3,6 +3,8 @@ gradient checkpointing on the tiny preset."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from florence_oracle import NATIVE_VOCAB, fiore_greedy, hf_inputs, hf_model, prompt_ids
@@ -62,6 +64,30 @@ def test_tiny_matches_transformers(pair):
     torch.manual_seed(0)
     feats = compare(hf, florence.model, torch.randn(2, 3, 256, 256), prompt_ids(2, 8, NATIVE_VOCAB))
     assert feats.shape == (2, 1 + 8 * 8, 256)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (224, 320)])
+def test_vision_tower_equals_transformers_in_float64(pair, monkeypatch, size):
+    """The same maths, not only close numbers: in float64 rounding vanishes, so any layout or slicing mistake shows.
+
+    SLICE_BYTES is made tiny so inference runs stage 0 in many slices (channel attention accumulated slice by slice,
+    window attention in bands of window rows, the MLP in row slices), and the training path is checked too.
+    """
+    import fiore.model.davit as davit
+
+    monkeypatch.setattr(davit, "SLICE_BYTES", 64 << 10)
+    hf, florence = pair
+    hf64 = copy.deepcopy(hf).double()
+    model64 = copy.deepcopy(florence.model).double()
+    torch.manual_seed(3)
+    pixel_values = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        want = hf64.model.get_image_features(pixel_values).pooler_output
+        with torch.inference_mode():
+            sliced = model64.encode_image(pixel_values)
+    whole = model64.encode_image(pixel_values)  # autograd on: the unsliced path taken by training
+    assert max_diff(sliced, want) < 1e-9
+    assert max_diff(whole.detach(), want) < 1e-9
 
 
 def test_non_square_input_matches_transformers(pair):

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.slow  # ~1 GB checkpoints and 380 GFLOP forwards: tens 
 
 CONFIG = preset("base").replace(text={"vocab_size": NATIVE_VOCAB})
 TOL = 1e-4
+# The vision tower's fp32 features go through 24 residual sub-blocks of random weights (feature scale ~5); fiore's
+# oneDNN matmuls and channels-last convs sum in another order than transformers' MKL/NCHW kernels, which moves the
+# last bits by up to ~2e-4. That the maths is the same is shown in float64 (tests/test_model.py, 1e-9).
+FEATURES_TOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def test_base_vision_encoder_logits_and_greedy_tokens_match(base):
     with torch.no_grad():
         feats = m.encode_image(pixel_values)
         assert feats.shape == (1, 577, 768)
-        assert max_diff(feats, base["feats"]) < TOL
+        assert max_diff(feats, base["feats"]) < FEATURES_TOL
         hidden, mask = m.encode(feats, prompt)
         assert max_diff(hidden, base["encoder"]) < TOL
         logits = m.logits(m.decode(dec, hidden, mask))

@@ -12,10 +12,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fiore.config import VisionConfig
+from fiore.model.kernels import Linear
+
+
+def as_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) contiguous -> the same memory as an NCHW tensor in channels-last format (no copy)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def as_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NCHW tensor -> contiguous (B, H, W, C); free when it is channels-last, as oneDNN convs return it."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+# Inference processes tokens in slices of about this many activation bytes. Why: stage 0 at 768x768 has 36 864 tokens;
+# whole-map intermediates (a 75 MB MLP hidden, a 56 MB qkv) are above glibc's mmap threshold, so every one of them
+# is fresh zeroed pages (~30 ms of page faults per 56 MB on the build machine), and they do not stay in cache.
+SLICE_BYTES = 4 << 20
 
 
 class ConvEmbed(nn.Module):
-    """Strided conv patch embedding with a LayerNorm before (stages 1-3) or after (stage 0) it."""
+    """Strided conv patch embedding with a LayerNorm before (stages 1-3) or after (stage 0) it. NHWC in and out."""
 
     def __init__(self, in_dim: int, dim: int, kernel: int, stride: int, padding: int, pre_norm: bool):
         super().__init__()
@@ -23,24 +40,19 @@ class ConvEmbed(nn.Module):
         self.conv = nn.Conv2d(in_dim, dim, kernel_size=kernel, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(in_dim if pre_norm else dim)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels of (B, C, H, W)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, C, H', W')."""
+        """(B, H, W, C_in) -> (B, H', W', C)."""
         if self.pre_norm:
-            x = self._norm(x)
-        x = self.conv(x)
-        if not self.pre_norm:
-            x = self._norm(x)
-        return x
+            x = self.norm(x)
+        x = as_nhwc(self.conv(as_nchw(x)))
+        return x if self.pre_norm else self.norm(x)
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -68,11 +80,11 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H*W, C)."""
+        """(B, H, W, C) normalised tokens -> (B, H, W, C). H may be any band of rows (windows start at row 0)."""
         B, H, W, C = x.shape
         ws = self.window_size
         # Zero-pad right/bottom to whole windows; padded tokens are attended, as in the original, then cropped.
@@ -85,7 +97,7 @@ class WindowAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (nW, heads, T, hd)
         x = self.proj(x.transpose(1, 2).reshape(nW, T, C))
         x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        return x[:, :H, :W].reshape(B, H * W, C)
+        return x[:, :H, :W]
 
 
 class ChannelAttention(nn.Module):
@@ -94,8 +106,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, dim: int, num_groups: int, qkv_bias: bool):
         super().__init__()
         self.num_groups = num_groups
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
@@ -107,9 +119,33 @@ class ChannelAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, G, C/G, N)
         return self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C))
 
+    def forward_sliced(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
+        """Inference: `x + attention(norm(x))` in place on (B, N, C), `rows` tokens at a time.
+
+        The C/G x C/G attention matrix of a group is a sum over tokens, so it is accumulated slice by slice (the
+        values are kept); then each slice of outputs is projected and added. Same maths as `forward`.
+        """
+        B, N, C = x.shape
+        G, d = self.num_groups, C // self.num_groups
+        scores = x.new_zeros(B, G, d, d)
+        values = x.new_empty(B, G, N, d)
+        for r in range(0, N, rows):
+            qkv = self.qkv(norm(x[:, r : r + rows])).view(B, -1, 3, G, d).permute(2, 0, 3, 1, 4)  # (3, B, G, n, d)
+            scores += qkv[0].transpose(-1, -2) @ qkv[1]
+            values[:, :, r : r + rows] = qkv[2]
+        attn = (scores * N**-0.5).softmax(-1).transpose(-1, -2)  # (B, G, d_j, d_i)
+        for r in range(0, N, rows):
+            out = (values[:, :, r : r + rows] @ attn).permute(0, 2, 1, 3).reshape(B, -1, C)
+            x[:, r : r + rows] += self.proj(out)
+        return x
+
 
 class _MixerBlock(nn.Module):
-    """conv-pos-enc -> attention -> conv-pos-enc -> MLP, each with a residual (shared by spatial and channel blocks)."""
+    """conv-pos-enc -> attention -> conv-pos-enc -> MLP, each with a residual (shared by spatial and channel blocks).
+
+    Tokens are kept as a contiguous (B, H, W, C) map: (B, H*W, C) for the linears is a view, and the depthwise convs
+    see it as channels-last NCHW, so no layout copies are made between the sub-blocks.
+    """
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float):
         super().__init__()
@@ -121,20 +157,35 @@ class _MixerBlock(nn.Module):
         self.ffn = MLP(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) normalised tokens -> (B, H, W, C)."""
         raise NotImplementedError
 
+    def attend_inplace(self, x: torch.Tensor) -> None:
+        """Inference: x += attend(norm1(x)), sliced (see SLICE_BYTES)."""
+        raise NotImplementedError
+
+    def _rows(self, x: torch.Tensor, width: int) -> int:
+        return max(1, SLICE_BYTES // (width * x.element_size()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
-        B, C, H, W = x.shape
-        x = x + self.conv1(x)
-        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
-        x = x + self.drop_path(self.attend(self.norm1(x), H, W))
-        x = x.transpose(1, 2).reshape(B, C, H, W)
-        x = x + self.conv2(x)
-        x = x.flatten(2).transpose(1, 2)
-        x = x + self.drop_path(self.ffn(self.norm2(x)))
-        return x.transpose(1, 2).reshape(B, C, H, W)
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        if torch.is_grad_enabled() or self.training:
+            x = x + as_nhwc(self.conv1(as_nchw(x)))
+            x = x + self.drop_path(self.attend(self.norm1(x)))
+            x = x + as_nhwc(self.conv2(as_nchw(x)))
+            return x + self.drop_path(self.ffn(self.norm2(x)))
+        # Inference: residuals added in place, the per-token parts run on slices of tokens.
+        x = x + as_nhwc(self.conv1(as_nchw(x)))  # a new tensor: the caller's input is never written
+        self.attend_inplace(x)
+        x += as_nhwc(self.conv2(as_nchw(x)))
+        flat = x.view(-1, C)
+        rows = self._rows(x, self.ffn.fc1.out_features)
+        for r in range(0, flat.shape[0], rows):
+            part = flat[r : r + rows]
+            part += self.ffn(self.norm2(part))
+        return x
 
 
 class SpatialBlock(_MixerBlock):
@@ -142,8 +193,17 @@ class SpatialBlock(_MixerBlock):
         super().__init__(dim, mlp_ratio, drop_path)
         self.window_attn = WindowAttention(dim, num_heads, window_size, qkv_bias)
 
-    def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        return self.window_attn(x.view(x.shape[0], H, W, x.shape[-1]))
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.window_attn(x)
+
+    def attend_inplace(self, x: torch.Tensor) -> None:
+        # Bands of whole windows (a multiple of `window_size` rows) are independent of each other.
+        B, H, W, C = x.shape
+        ws = self.window_attn.window_size
+        band = ws * max(1, self._rows(x, 4 * C) // (B * ws * W))
+        for r in range(0, H, band):
+            part = x[:, r : r + band]
+            part += self.window_attn(self.norm1(part))
 
 
 class ChannelBlock(_MixerBlock):
@@ -151,8 +211,13 @@ class ChannelBlock(_MixerBlock):
         super().__init__(dim, mlp_ratio, drop_path)
         self.channel_attn = ChannelAttention(dim, num_groups, qkv_bias)
 
-    def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        return self.channel_attn(x)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        return self.channel_attn(x.reshape(B, H * W, C)).view(B, H, W, C)
+
+    def attend_inplace(self, x: torch.Tensor) -> None:
+        B, H, W, C = x.shape
+        self.channel_attn.forward_sliced(x.view(B, H * W, C), self.norm1, self._rows(x, 4 * C * B))
 
 
 class Block(nn.Module):
@@ -197,6 +262,7 @@ class DaViT(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = as_nhwc(x)
         for conv, stage in zip(self.convs, self.blocks, strict=True):
             x = conv(x)
             for block in stage:
@@ -205,4 +271,4 @@ class DaViT(nn.Module):
                     x = checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)
-        return x
+        return as_nchw(x)

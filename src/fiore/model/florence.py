@@ -8,6 +8,7 @@ from torch import nn
 from fiore.config import ModelConfig
 from fiore.model.cache import DecoderCache
 from fiore.model.davit import DaViT
+from fiore.model.kernels import Linear
 from fiore.model.projector import Projector, sinusoid_table
 from fiore.model.text import LanguageModel
 
@@ -42,7 +43,7 @@ class FlorenceModel(nn.Module):
             )
         self.config = config
         self.model = Parts(config)
-        self.lm_head = nn.Linear(config.text.d_model, config.text.vocab_size, bias=False)
+        self.lm_head = Linear(config.text.d_model, config.text.vocab_size, bias=False)
         self.init_weights()
 
     # -- parts -----------------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ class FlorenceModel(nn.Module):
             return self.language_model.decoder(decoder_input_ids, encoder_hidden, encoder_mask)
         if decoder_input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
-        return self.language_model.decoder(decoder_input_ids, None, cache.encoder_mask, cache)
+        return self.language_model.decoder(decoder_input_ids, None, cache.attention_mask, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, t, d) -> (B, t, V) float32 logits from the tied LM head."""
@@ -177,8 +178,9 @@ class FlorenceModel(nn.Module):
             self_k.append(encoder_hidden.new_zeros(shape))
             self_v.append(encoder_hidden.new_zeros(shape))
             k, v = layer.encoder_attn.kv(encoder_hidden)
-            cross_k.append(k)
-            cross_v.append(v)
+            # Contiguous (B, H, N, hd): SDPA reads strided K/V at about half speed, every step.
+            cross_k.append(k.contiguous())
+            cross_v.append(v.contiguous())
         if encoder_mask is None:
             encoder_mask = torch.ones(encoder_hidden.shape[:2], dtype=torch.bool, device=encoder_hidden.device)
         return DecoderCache(self_k, self_v, cross_k, cross_v, encoder_mask.to(torch.bool))

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fiore.config import TextConfig
 from fiore.model.cache import DecoderCache
+from fiore.model.kernels import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU, as BART's "gelu"
@@ -61,10 +62,10 @@ class Attention(nn.Module):
             raise ValueError(f"d_model {dim} is not divisible by {num_heads} attention heads")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -105,8 +106,8 @@ class EncoderLayer(_FFN):
         d = cfg.d_model
         self.self_attn = Attention(d, cfg.encoder_attention_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
+        self.fc1 = Linear(d, cfg.encoder_ffn_dim)
+        self.fc2 = Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.activation_function)
         self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
@@ -131,8 +132,8 @@ class DecoderLayer(_FFN):
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.encoder_attn = Attention(d, cfg.decoder_attention_heads, cfg.attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, cfg.decoder_ffn_dim)
-        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, d)
+        self.fc1 = Linear(d, cfg.decoder_ffn_dim)
+        self.fc2 = Linear(cfg.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.activation_function)
         self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
