@@ -1,15 +1,16 @@
 """Inference kernels for CPU: the linear layer every part of the model uses.
 
-Why not plain `F.linear`: on CPU it goes to MKL's sgemm, which is slow for the shapes inference is made of. A decoder
-step multiplies 1-12 rows by each weight matrix; there MKL re-packs the whole weight on every call and reaches 3-9 GB/s
-of weight streaming where the memory allows ~25 (measured on the 2-core build machine, `benchmarks/bench_kernels.py`).
-oneDNN's matmul (PyTorch's `mkldnn::_linear_pointwise`, the op Inductor emits for frozen CPU linears) reads the weight
-in place and reaches 16 GB/s at one row; with the weight reordered once into its blocked layout, 13-18 GB/s at 1-4
-rows. For the big, compute-bound matmuls of the vision tower it is also ~10% faster than MKL.
+Why not plain `F.linear` everywhere: on CPU it goes to MKL's sgemm, which is fine for the big matmuls of the vision
+tower and the encoder but slow for decoding, where 1-12 rows meet each weight matrix. Those calls are bound by
+streaming the weight from memory; MKL reaches 6-12 GB/s there, oneDNN's matmul (PyTorch's
+`mkldnn::_linear_pointwise`, the op Inductor emits for frozen CPU linears) 12-20 GB/s on the plain weight for one row,
+and with the weight reordered once into oneDNN's blocked layout 9-15 GB/s for 3-4 rows where it otherwise gets 5-12
+(cold caches, 2 threads, the build machine; `benchmarks/bench_kernels.py`). A base decoder step (b=1) went from
+42 ms to 27 ms with this, b=4 from ~80 ms to 40 ms.
 
-The fast path is taken only where it is exact to rounding and autograd is not involved: CPU, float32, and no gradient
-wanted. Training, CUDA, half precision and builds without oneDNN use `F.linear`. Results differ from `F.linear` by
-float32 rounding only (the order of the K-sum); token-level parity with transformers is tested through the engine.
+The fast path is taken only for inference: CPU, float32, and no gradient wanted. Training, CUDA, half precision
+and builds without oneDNN use `F.linear`. Results differ from `F.linear` by float32 rounding only (another order of
+the K-sum); token-level parity with transformers is tested through the engine.
 """
 
 from __future__ import annotations
@@ -27,27 +28,26 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN = _onednn_linear_available()
-# Rows at or below which a reordered (blocked) weight pays off: the memory-bound regime of decoding.
-PACKED_MAX_ROWS = 16
+# Calls with at most this many rows are the memory-bound few-row regime (decoder steps: batch x beams); above it
+# the matmul is compute-bound and MKL is as fast as anything else.
+FEW_ROWS = 32
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` with the same parameters and state-dict keys, faster for CPU float32 inference.
+    """`nn.Linear` with the same parameters and state-dict keys, faster for few-row CPU float32 inference.
 
-    `pack()` keeps a oneDNN-blocked copy of the weight for few-row calls (decoder steps). The copy costs the
-    weight's memory again, so only the decoder and the LM head are packed (`FlorenceModel.prepare_inference`); it is
-    rebuilt when the weight changes (tracked by the tensor's version counter, which in-place updates bump).
+    One-row calls use oneDNN on the weight as it is. Calls with 2..FEW_ROWS rows use a oneDNN-blocked copy of the
+    weight, made on first use and kept: in practice only the decoder and the LM head ever see such calls, and
+    their copies cost that much memory again (356 MB for base). The copy is rebuilt when the weight changes
+    (the tensor's version counter moves with every in-place update) and dropped by `drop_packed()`.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._pack_wanted = False
         self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
-    def pack(self, enabled: bool = True) -> None:
-        self._pack_wanted = enabled
-        if not enabled:
-            self._packed = None
+    def drop_packed(self) -> None:
+        self._packed = None
 
     def _fast(self, x: torch.Tensor) -> bool:
         w = self.weight
@@ -61,19 +61,19 @@ class Linear(nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version)
+        # Inference tensors carry no version counter (and cannot be changed outside inference mode).
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+            # The batch-size hint picks the blocking; 4 rows (a batch of 4, or 3 beams) is the common case.
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast(x):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not (0 < rows <= FEW_ROWS and self._fast(x)):
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        x2 = x.reshape(rows, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        w = self._packed_weight() if self._pack_wanted and rows <= PACKED_MAX_ROWS else self.weight.detach()
+        x2 = x.reshape(rows, x.shape[-1]).contiguous()
+        w = self.weight.detach() if rows == 1 else self._packed_weight()
         b = None if self.bias is None else self.bias.detach()
         y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)

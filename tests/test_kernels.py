@@ -1,0 +1,47 @@
+"""fiore.model.kernels.Linear: same results as F.linear (to float32 rounding) on every path, packed copies follow
+weight updates, and autograd still works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fiore.model import kernels
+from fiore.model.kernels import Linear
+
+pytestmark = pytest.mark.skipif(not kernels.ONEDNN, reason="this PyTorch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (4, 1, 64), (3, 2, 64), (kernels.FEW_ROWS + 1, 64), (2, 0, 64)])
+def test_inference_paths_equal_f_linear(shape):
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (*shape[:-1], 96)
+    assert torch.allclose(got, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copy_follows_in_place_weight_updates():
+    torch.manual_seed(0)
+    layer = Linear(32, 48, bias=False)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        before = layer(x)
+        assert layer._packed is not None  # a few-row call made the blocked copy
+        layer.weight.mul_(2.0)  # what an optimizer step or load_state_dict does
+        after = layer(x)
+    assert torch.allclose(after, 2 * before, atol=1e-5)
+    layer.drop_packed()
+    assert layer._packed is None
+
+
+def test_gradients_flow_through_the_training_path():
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert torch.allclose(layer.weight.grad, torch.ones(8, 1) * x.detach().sum(0, keepdim=True))
