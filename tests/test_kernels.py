@@ -45,3 +45,13 @@ def test_gradients_flow_through_the_training_path():
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
     assert torch.allclose(layer.weight.grad, torch.ones(8, 1) * x.detach().sum(0, keepdim=True))
+
+
+def test_modules_with_packed_weights_deep_copy():
+    import copy
+
+    layer = Linear(8, 8)
+    with torch.no_grad():
+        layer(torch.randn(3, 8))
+    clone = copy.deepcopy(layer)
+    assert clone._packed is None and torch.equal(clone.weight, layer.weight)

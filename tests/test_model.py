@@ -186,7 +186,8 @@ def test_encoder_output_is_reusable_for_many_prompts_via_select(pair):
         dec = torch.tensor([[2], [0], [5]])
         many = m.logits(m.decode(dec, None, None, cache))
         one = m.logits(m.decode(dec, hidden.expand(3, -1, -1), enc_mask.expand(3, -1)))
-    assert max_diff(many, one) < 1e-5
+    # logits of scale ~15; the cached rows go through few-row kernels (oneDNN), the full pass may not: rounding only
+    assert max_diff(many, one) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

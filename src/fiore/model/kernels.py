@@ -49,6 +49,10 @@ class Linear(nn.Linear):
     def drop_packed(self) -> None:
         self._packed = None
 
+    def __getstate__(self):
+        # The blocked copy is an opaque oneDNN tensor: not copyable or picklable, and cheap to rebuild.
+        return {**self.__dict__, "_packed": None}
+
     def _fast(self, x: torch.Tensor) -> bool:
         w = self.weight
         return (
