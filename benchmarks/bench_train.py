@@ -7,7 +7,11 @@ the median of `--repeats` steps is reported. fiore's step is the one `fiore trai
 vision encoding per image, only real label tokens reach the LM head). Also reported: fiore with the small
 vocabulary a from-scratch run gets, and fiore with K=4 task rows sharing each image's encoding.
 
-    python benchmarks/bench_train.py [--repeats 5] [--threads 2]
+    python benchmarks/bench_train.py [--repeats 5] [--threads 2] [--allocator default|keep|both]
+
+--allocator keep runs the whole process with `fiore.train.memory.keep_freed_memory()` (what `fiore train` does;
+it speeds up both sides alike, so the ratio is measured with both under the same allocator); `both` runs the
+benchmark twice, in two child processes, and prints both tables.
 
 Prints one line per variant and `ratio fiore/transformers` (target <= 0.8).
 """
@@ -109,7 +113,7 @@ class FioreStep:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 class HFStep:
@@ -132,7 +136,7 @@ class HFStep:
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(out.loss.detach())
 
 
 def main() -> None:
@@ -140,7 +144,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--small-vocab", type=int, default=3026, help="vocabulary of a from-scratch fiore model")
+    ap.add_argument("--allocator", choices=["default", "keep", "both"], default="both")
     args = ap.parse_args()
+    if args.allocator == "both":
+        import subprocess
+        import sys
+
+        for mode in ("default", "keep"):
+            argv, skip = [], False
+            for a in sys.argv[1:]:  # drop "--allocator X" / "--allocator=X"
+                if skip or a.startswith("--allocator"):
+                    skip = a == "--allocator" and not skip
+                    continue
+                argv.append(a)
+            subprocess.run([sys.executable, __file__, *argv, "--allocator", mode], check=True)
+        return
+    if args.allocator == "keep":
+        from fiore.train.memory import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("keep_freed_memory() is not available here (needs Linux/glibc)")
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = {
@@ -157,7 +180,8 @@ def main() -> None:
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    print(f"training step, batch {B} images 256x256, {LABELS}-token labels, AdamW, {torch.get_num_threads()} threads")
+    print(f"training step, batch {B} images 256x256, {LABELS}-token labels, AdamW, {torch.get_num_threads()} threads, "
+          f"allocator: {args.allocator}")  # fmt: skip
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, t in med.items():
         rows = variants[name].rows

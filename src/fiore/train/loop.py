@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fiore.train import checkpointing, ddp
+from fiore.train import checkpointing, ddp, memory
 from fiore.train.config import TrainConfig
 from fiore.train.mixture import IGNORE_INDEX, Batch, Mixture, MixtureDataset, combine, loader, token_cross_entropy
 
@@ -425,6 +425,7 @@ def train(config: TrainConfig, resume: bool = False, callback: Callable[[int, nn
     callback(step, model): called after every optimizer step (and its checkpoint, if one falls there); an exception
     raised there stops the run as a crash would (the resume tests use this).
     """
+    memory.keep_freed_memory()  # activations on CPU: see fiore.train.memory (harmless on GPU)
     threads = torch.get_num_threads()
     if config.train.threads > 0:
         torch.set_num_threads(config.train.threads)
