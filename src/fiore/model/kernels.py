@@ -5,8 +5,8 @@ tower and the encoder but slow for decoding, where 1-12 rows meet each weight ma
 streaming the weight from memory; MKL reaches 6-12 GB/s there, oneDNN's matmul (PyTorch's
 `mkldnn::_linear_pointwise`, the op Inductor emits for frozen CPU linears) 12-20 GB/s on the plain weight for one row,
 and with the weight reordered once into oneDNN's blocked layout 9-15 GB/s for 3-4 rows where it otherwise gets 5-12
-(cold caches, 2 threads, the build machine; `benchmarks/bench_kernels.py`). A base decoder step (b=1) went from
-42 ms to 27 ms with this, b=4 from ~80 ms to 40 ms.
+(cold caches, 2 threads, the build machine; `benchmarks/bench_kernels.py`). A base decoder step with its LM head
+takes 32 ms instead of 37 ms at b=1 and 40 ms instead of 90 ms at b=4 (one run of that script).
 
 The fast path is taken only for inference: CPU, float32, and no gradient wanted. Training, CUDA, half precision
 and builds without oneDNN use `F.linear`. Results differ from `F.linear` by float32 rounding only (another order of
