@@ -150,14 +150,8 @@ def main() -> None:
         import subprocess
         import sys
 
-        for mode in ("default", "keep"):
-            argv, skip = [], False
-            for a in sys.argv[1:]:  # drop "--allocator X" / "--allocator=X"
-                if skip or a.startswith("--allocator"):
-                    skip = a == "--allocator" and not skip
-                    continue
-                argv.append(a)
-            subprocess.run([sys.executable, __file__, *argv, "--allocator", mode], check=True)
+        for mode in ("default", "keep"):  # argparse keeps the last --allocator given
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--allocator", mode], check=True)
         return
     if args.allocator == "keep":
         from fiore.train.memory import keep_freed_memory

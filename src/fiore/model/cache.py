@@ -24,14 +24,11 @@ class DecoderCache:
         self.cross_k, self.cross_v = cross_k, cross_v
         self.encoder_mask = encoder_mask  # (B, N) bool, True = attend
         self.length = 0
-        self._all_attended: tuple[torch.Tensor, bool] | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
         """`encoder_mask`, or None when every position is attended (no padding): SDPA's unmasked kernel is faster."""
-        if self._all_attended is None or self._all_attended[0] is not self.encoder_mask:
-            self._all_attended = (self.encoder_mask, bool(self.encoder_mask.all()))
-        return None if self._all_attended[1] else self.encoder_mask
+        return None if bool(self.encoder_mask.all()) else self.encoder_mask
 
     @property
     def max_length(self) -> int:

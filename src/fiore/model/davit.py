@@ -172,7 +172,6 @@ class _MixerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        B, H, W, C = x.shape
         if torch.is_grad_enabled() or self.training:
             x = x + as_nhwc(self.conv1(as_nchw(x)))
             x = x + self.drop_path(self.attend(self.norm1(x)))
@@ -182,7 +181,7 @@ class _MixerBlock(nn.Module):
         x = x + as_nhwc(self.conv1(as_nchw(x)))  # a new tensor: the caller's input is never written
         self.attend_inplace(x)
         x += as_nhwc(self.conv2(as_nchw(x)))
-        flat = x.view(-1, C)
+        flat = x.view(-1, x.shape[-1])
         rows = self._rows(x, self.ffn.fc1.out_features)
         for r in range(0, flat.shape[0], rows):
             part = flat[r : r + rows]
