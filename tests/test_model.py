@@ -88,6 +88,14 @@ def test_vision_tower_equals_transformers_in_float64(pair, monkeypatch, size):
     whole = model64.encode_image(pixel_values)  # autograd on: the unsliced path taken by training
     assert max_diff(sliced, want) < 1e-9
     assert max_diff(whole.detach(), want) < 1e-9
+    # And the training path's gradients (its attention and head splitting differ from inference's).
+    weights = torch.randn_like(whole)
+    (whole * weights).sum().backward()
+    (hf64.model.get_image_features(pixel_values).pooler_output * weights).sum().backward()
+    ours = dict(model64.vision_tower.named_parameters())
+    theirs = dict(hf64.model.vision_tower.named_parameters())
+    assert set(ours) == set(theirs)
+    assert max(max_diff(ours[n].grad, theirs[n].grad) / theirs[n].grad.abs().max().item() for n in ours) < 1e-8
 
 
 def test_non_square_input_matches_transformers(pair):
@@ -230,6 +238,37 @@ def test_gradient_checkpointing_gives_equal_gradients():
     assert worst < 1e-5
 
 
+def test_shared_embedding_trains_with_sparse_rows_but_leaves_a_dense_gradient():
+    torch.manual_seed(0)
+    config = preset("tiny").replace(text={"vocab_size": 1000, "dropout": 0.0, "attention_dropout": 0.0,
+                                          "activation_dropout": 0.0}, vision={"drop_path_rate": 0.0})  # fmt: skip
+    model = FlorenceModel(config).train()
+    shared = model.language_model.shared
+    pixel_values = torch.randn(2, 3, 64, 64)
+    prompt, dec = prompt_ids(2, 6, 1000), prompt_ids(2, 5, 1000, seed=2)
+
+    def shared_grad(sparse_rows: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        shared.train(sparse_rows)  # eval mode: the plain dense embedding gradient (no dropout to differ here)
+        logits = model(pixel_values, prompt, dec)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), dec.roll(-1, 1).flatten()).backward()
+        return shared.weight.grad
+
+    dense, sparse = shared_grad(False), shared_grad(True)
+    (rows,) = torch.autograd.grad(shared(prompt).sum(), shared.weight)
+    assert rows.is_sparse  # training lookups give sparse rows; accumulated with the LM head's they are dense
+    assert not sparse.is_sparse
+    assert max_diff(sparse, dense) < 1e-6
+    assert dense[prompt[0, 1]].abs().sum() > 0  # looked-up rows really get the embedding's share
+    # Without the LM head in the graph the accumulated gradient would be sparse; the tied weight still gets a
+    # dense one, which fused AdamW accepts.
+    model.zero_grad(set_to_none=True)
+    shared(prompt).square().sum().backward()
+    assert not shared.weight.grad.is_sparse and shared.weight.grad.abs().sum() > 0
+    opt = torch.optim.AdamW([shared.weight], fused=True)
+    opt.step()
+
+
 def test_gradient_checkpointing_wraps_davit_blocks_and_text_layers(monkeypatch):
     import fiore.model.davit as davit
     import fiore.model.text as text
@@ -277,3 +316,14 @@ def test_missing_encoder_mask_means_attend_everything(model):
         cache = m.new_cache(hidden, None, max_length=3)
         assert cache.encoder_mask.all() and cache.encoder_mask.shape == mask.shape
         assert max_diff(m.logits(m.decode(dec, None, None, cache)), full) < 1e-5
+
+
+def test_split_heads_gradient():
+    from fiore.model.davit import split_heads
+
+    qkv = torch.randn(2, 5, 3 * 6, dtype=torch.float64, requires_grad=True)
+    q, k, v = split_heads(qkv, 2)
+    assert q.shape == (2, 2, 5, 3) and q.is_contiguous()
+    assert torch.equal(k[1, 0, 4], qkv[1, 4, 6:9].detach())  # k is the second third, head 0 its first 3 channels
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, 2), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: split_heads(t, 3)[1], (qkv,))  # unused outputs get zero gradient

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fiore.train import checkpointing
+from fiore.train import checkpointing, mixture
 from fiore.train.config import ConfigError, TrainConfig, load_config, parse_override
 from fiore.train.loop import Schedule
 from fiore.train.mixture import (
@@ -196,6 +196,25 @@ def test_token_cross_entropy_matches_torch_values_and_gradients():
     torch.testing.assert_close(g_ours, g_ref)
     small = logits.detach()[:3, :8].double().requires_grad_()
     assert torch.autograd.gradcheck(token_cross_entropy, (small, targets[:3] % 8))
+
+
+def test_token_cross_entropy_overwriting_logits_gives_the_same_gradient_once(monkeypatch):
+    monkeypatch.setattr(mixture, "_CE_SLICE_BYTES", 3 * 300 * 4)  # 3-row slices: 14 of them, the last one short
+    torch.manual_seed(0)
+    leaf = (torch.randn(40, 300) * 4).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    weights = torch.rand(40)
+    ref = torch.nn.functional.cross_entropy(leaf, targets, reduction="none")
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), leaf)
+    logits = leaf * 1.0  # an intermediate the loss owns, like the LM head's output
+    ours = token_cross_entropy(logits, targets, overwrite_logits=True)
+    torch.testing.assert_close(ours, ref)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), leaf, retain_graph=True)
+    torch.testing.assert_close(g_ours, g_ref)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad((ours * weights).sum(), leaf)  # the saved logits now hold the gradient
+    with pytest.raises(ValueError, match="leaf"):
+        token_cross_entropy(leaf, targets, overwrite_logits=True)
 
 
 # ------------------------------------------------------------------------------------------------ schedule, ckpt

@@ -1,4 +1,4 @@
-"""Inference kernels for CPU: the linear layer every part of the model uses.
+"""CPU kernels: the linear layer every part of the model uses, and dropout.
 
 Why not plain `F.linear` everywhere: on CPU it goes to MKL's sgemm, which is fine for the big matmuls of the vision
 tower and the encoder but slow for decoding, where 1-12 rows meet each weight matrix. Those calls are bound by
@@ -11,6 +11,9 @@ takes 32 ms instead of 37 ms at b=1 and 40 ms instead of 90 ms at b=4 (one run o
 The fast path is taken only for inference: CPU, float32, and no gradient wanted. Training, CUDA, half precision
 and builds without oneDNN use `F.linear`. Results differ from `F.linear` by float32 rounding only (another order of
 the K-sum); token-level parity with transformers is tested through the engine.
+
+`dropout` draws its mask from 16-bit random lanes of 64-bit draws: PyTorch's CPU `bernoulli_` spends ~10 ns per
+element (~50 ms of a 1.9 s tiny-preset training step); this is ~3x faster with the multiply.
 """
 
 from __future__ import annotations
@@ -81,3 +84,26 @@ class Linear(nn.Linear):
         b = None if self.bias is None else self.bias.detach()
         y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
+
+
+# Inputs smaller than this keep F.dropout: the saving would not pay for the extra Python-level ops.
+FAST_DROPOUT_MIN = 1 << 14
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout: zero each element with probability p, scale the rest by 1 / (1 - p).
+
+    On CPU, the mask compares uniform 16-bit integers (four per 64-bit draw of the global generator, so
+    `torch.manual_seed`, checkpoint recomputation and RNG-state resume all apply) with a threshold: p is rounded to
+    a multiple of 2^-16 (at most 7.7e-6 off) and the scale uses the rounded value, so the expectation is exact.
+    Elsewhere, or for small inputs, `F.dropout`.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or x.numel() < FAST_DROPOUT_MIN or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    n = x.numel()
+    dropped = round(p * 65536)  # of 65536 equally likely lane values
+    lanes = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1).view(torch.int16)
+    keep = lanes[:n].view(x.shape) >= dropped - 32768
+    return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))

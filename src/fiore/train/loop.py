@@ -191,7 +191,7 @@ class MultiTaskLoss(nn.Module):
                 token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
             logits = model.logits(torch.cat(states).unsqueeze(1)).squeeze(1)  # (n_tokens, V) float32; a view, no copy
         targets, token_task = torch.cat(targets), torch.cat(token_task)
-        ce = token_cross_entropy(logits.float(), targets)
+        ce = token_cross_entropy(logits.float(), targets, overwrite_logits=True)  # only this loss reads them
         K = self.weights.numel()
         loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)
         tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(0, token_task, torch.ones_like(ce))
