@@ -83,14 +83,14 @@ class _SplitHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int):
         N, T, C3 = qkv.shape
-        ctx.heads = heads
         parts = qkv.view(N, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
         return parts[0], parts[1], parts[2]
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        N, heads, T, hd = next(g for g in grads if g is not None).shape
-        out = next(g for g in grads if g is not None).new_empty(N, T, 3, heads, hd)
+        given = next(g for g in grads if g is not None)
+        N, heads, T, hd = given.shape
+        out = given.new_empty(N, T, 3, heads, hd)
         for i, g in enumerate(grads):
             if g is None:
                 out[:, :, i].zero_()

@@ -165,7 +165,7 @@ class SharedEmbedding(nn.Embedding):
     """The token embedding tied to the LM head; its gradient is sparse (the looked-up rows only) while training.
 
     Why: the LM head's dense (V, d) gradient reaches the tied weight first in backward, and autograd adds sparse
-    rows into it in place, where dense embedding gradients would zero-fill and add two more (V, d) tensors (~50 ms
+    rows into it in place, where dense embedding gradients would zero-fill and add two more (V, d) tensors (30-50 ms
     a step at 51k x 256 on two cores). Were the LM head left out of a graph, the weight would end up with a sparse
     gradient, which optimizers such as fused AdamW refuse: a hook turns that back into a dense one.
     """
