@@ -10,8 +10,8 @@ vocabulary a from-scratch run gets, and fiore with K=4 task rows sharing each im
     python benchmarks/bench_train.py [--repeats 5] [--threads 2] [--allocator default|keep|both]
 
 --allocator keep runs the whole process with `fiore.train.memory.keep_freed_memory()` (what `fiore train` does;
-it speeds up both sides alike, so the ratio is measured with both under the same allocator); `both` runs the
-benchmark twice, in two child processes, and prints both tables.
+it speeds up both sides, so the ratio is measured with both under the same allocator); `both` runs the benchmark
+twice, in two child processes, and prints both tables.
 
 Prints one line per variant and `ratio fiore/transformers` (target <= 0.8).
 """

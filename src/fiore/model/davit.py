@@ -73,6 +73,12 @@ class DropPath(nn.Module):
         return x * mask.div_(keep)  # one pass over x
 
 
+def heads_view(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Fused (N, T, 3*C) qkv -> a (3, N, heads, T, C/heads) view: q, k, v along the first dim, no copy."""
+    N, T, C3 = qkv.shape
+    return qkv.view(N, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
 class _SplitHeads(torch.autograd.Function):
     """Training: fused (N, T, 3*C) qkv -> contiguous q, k, v, each (N, heads, T, C/heads).
 
@@ -82,8 +88,7 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int):
-        N, T, C3 = qkv.shape
-        parts = qkv.view(N, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).contiguous()
+        parts = heads_view(qkv, heads).contiguous()
         return parts[0], parts[1], parts[2]
 
     @staticmethod
@@ -133,8 +138,7 @@ class WindowAttention(nn.Module):
             else:
                 x = F.scaled_dot_product_attention(q, k, v)  # GPU kernels keep the scores out of memory
         else:
-            qkv = self.qkv(x).view(nW, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-            x = F.scaled_dot_product_attention(*qkv.unbind(0))  # (nW, heads, T, hd)
+            x = F.scaled_dot_product_attention(*heads_view(self.qkv(x), self.num_heads).unbind(0))  # (nW, heads, T, hd)
         x = self.proj(x.transpose(1, 2).reshape(nW, T, C))
         x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
         return x[:, :H, :W]
@@ -171,7 +175,7 @@ class ChannelAttention(nn.Module):
         scores = x.new_zeros(B, G, d, d)
         values = x.new_empty(B, G, N, d)
         for r in range(0, N, rows):
-            qkv = self.qkv(norm(x[:, r : r + rows])).view(B, -1, 3, G, d).permute(2, 0, 3, 1, 4)  # (3, B, G, n, d)
+            qkv = heads_view(self.qkv(norm(x[:, r : r + rows])), G)  # (3, B, G, n, d)
             scores += qkv[0].transpose(-1, -2) @ qkv[1]
             values[:, :, r : r + rows] = qkv[2]
         attn = (scores * N**-0.5).softmax(-1).transpose(-1, -2)  # (B, G, d_j, d_i)
