@@ -269,6 +269,44 @@ def test_shared_embedding_trains_with_sparse_rows_but_leaves_a_dense_gradient():
     opt.step()
 
 
+def test_tied_head_weight_gives_the_same_gradients_and_adds_embedding_rows_in_place():
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    V = 1000
+    config = preset("tiny").replace(text={"vocab_size": V, "dropout": 0.0, "attention_dropout": 0.0,
+                                          "activation_dropout": 0.0}, vision={"drop_path_rate": 0.0})  # fmt: skip
+    model = FlorenceModel(config).train()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    prompt, dec = prompt_ids(2, 6, V), prompt_ids(2, 5, V, seed=2)
+
+    def grads(late_head: bool) -> tuple[dict[str, torch.Tensor], list]:
+        model.zero_grad(set_to_none=True)
+        head = model.head_weight() if late_head else None
+        hidden, mask = model.encode(model.encode_image(pixel_values), prompt)
+        logits = model.logits(model.decode(dec, hidden, mask), head)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), dec.roll(-1, 1).flatten())
+        with profile(record_shapes=True) as prof:
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, prof.events()
+
+    plain, _ = grads(False)
+    late, events = grads(True)
+    assert plain.keys() == late.keys()
+    for name in plain:
+        assert max_diff(late[name], plain[name]) < 1e-6, name
+    # The tied weight's gradient pieces (two sparse lookups, one dense head) are summed with no (V, d) copy (what
+    # an out-of-place dense + sparse add makes): the dense one arrives last and the rows are added to it in place.
+    shape = [V, config.text.d_model]
+    assert not [e for e in events if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0] == shape]
+    assert any(e.name == "aten::add_" and e.input_shapes and e.input_shapes[0] == shape for e in events)
+
+    with torch.no_grad():
+        assert model.head_weight() is None
+    model.lm_head.weight.requires_grad_(False)
+    assert model.head_weight() is None
+
+
 def test_gradient_checkpointing_wraps_davit_blocks_and_text_layers(monkeypatch):
     import fiore.model.davit as davit
     import fiore.model.text as text

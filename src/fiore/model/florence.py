@@ -10,7 +10,7 @@ from fiore.model.cache import DecoderCache
 from fiore.model.davit import DaViT
 from fiore.model.kernels import Linear
 from fiore.model.projector import Projector, sinusoid_table
-from fiore.model.text import LanguageModel
+from fiore.model.text import LanguageModel, late_alias, tied_logits
 
 SHARED_KEY = "model.language_model.shared.weight"
 # State-dict keys that are the shared token embedding under another name (tied weights).
@@ -155,9 +155,22 @@ class FlorenceModel(nn.Module):
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
         return self.language_model.decoder(decoder_input_ids, None, cache.attention_mask, cache)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, t, d) -> (B, t, V) float32 logits from the tied LM head."""
-        return self.lm_head(hidden).float()
+    def head_weight(self) -> torch.Tensor | None:
+        """For a training forward: the LM head weight to pass to `logits`, taken before that forward embeds tokens.
+
+        None where it would change nothing: no gradient wanted, the weight frozen, or autocast on (whose casts a
+        custom autograd function would bypass). See `fiore.model.text.late_alias` for why it matters.
+        """
+        weight = self.lm_head.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(weight.device.type):
+            return None
+        return late_alias(weight)
+
+    def logits(self, hidden: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, t, d) -> (B, t, V) float32 logits from the tied LM head; `head_weight` from `head_weight()` or None."""
+        if head_weight is None:
+            return self.lm_head(hidden).float()
+        return tied_logits(hidden, head_weight).float()
 
     @torch.no_grad()
     def new_cache(
@@ -193,5 +206,6 @@ class FlorenceModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pixel_values (B, 3, H, W), input_ids (B, T) prompt, decoder_input_ids (B, t) -> logits (B, t, V) float32."""
+        head = self.head_weight()  # before any token is embedded
         encoder_hidden, encoder_mask = self.encode(self.encode_image(pixel_values), input_ids, attention_mask)
-        return self.logits(self.decode(decoder_input_ids, encoder_hidden, encoder_mask))
+        return self.logits(self.decode(decoder_input_ids, encoder_hidden, encoder_mask), head)

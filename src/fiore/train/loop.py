@@ -176,6 +176,7 @@ class MultiTaskLoss(nn.Module):
         order = lengths.argsort(stable=True)
         groups = length_groups(lengths[order].tolist(), self.decode_groups)
         with self.autocast(pixel_values.device):
+            head = model.head_weight()  # before any token is embedded: see FlorenceModel.head_weight
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
                 features = model.encode_image(pixel_values)  # (B, N, d)
@@ -189,7 +190,8 @@ class MultiTaskLoss(nn.Module):
                 states.append(h[keep])
                 targets.append(labels[rows, :T][keep])
                 token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
-            logits = model.logits(torch.cat(states).unsqueeze(1)).squeeze(1)  # (n_tokens, V) float32; a view, no copy
+            # (n_tokens, V) float32; a view, no copy
+            logits = model.logits(torch.cat(states).unsqueeze(1), head).squeeze(1)
         targets, token_task = torch.cat(targets), torch.cat(token_task)
         ce = token_cross_entropy(logits.float(), targets, overwrite_logits=True)  # only this loss reads them
         K = self.weights.numel()
