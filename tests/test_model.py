@@ -166,6 +166,28 @@ def test_cached_decoding_equals_full_decode(model):
     assert max_diff(torch.cat([prefix, *steps], dim=1), full) < 1e-5
 
 
+def test_stacked_qkv_equals_the_three_projections_and_follows_weight_changes():
+    import copy
+
+    from fiore.model.text import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, dropout=0.0).eval()
+    keys = set(attn.state_dict())
+    x = torch.randn(2, 3, 32)
+
+    def separate() -> torch.Tensor:
+        return torch.stack([attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+
+    with torch.no_grad():
+        assert max_diff(attn.qkv(x), separate()) < 1e-6
+        attn.k_proj.weight.mul_(2.0)  # an optimizer step or load_state_dict writes in place
+        attn.v_proj.bias.add_(1.0)
+        assert max_diff(attn.qkv(x), separate()) < 1e-6
+        assert max_diff(copy.deepcopy(attn).qkv(x), separate()) < 1e-6
+    assert set(attn.state_dict()) == keys and len(list(attn.parameters())) == 8  # no keys or parameters of its own
+
+
 def test_cache_select_reorders_and_expands_rows(model):
     m = model
     torch.manual_seed(5)

@@ -31,6 +31,7 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN = _onednn_linear_available()
+_onednn_linear = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
 # Calls with at most this many rows are the memory-bound few-row regime (decoder steps: batch x beams); above it
 # the matmul is compute-bound and MKL is as fast as anything else.
 FEW_ROWS = 32
@@ -56,16 +57,6 @@ class Linear(nn.Linear):
         # The blocked copy is an opaque oneDNN tensor: not copyable or picklable, and cheap to rebuild.
         return {**self.__dict__, "_packed": None}
 
-    def _fast(self, x: torch.Tensor) -> bool:
-        w = self.weight
-        return (
-            ONEDNN
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        )
-
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
         # Inference tensors carry no version counter (and cannot be changed outside inference mode).
@@ -76,13 +67,21 @@ class Linear(nn.Linear):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if not (0 < rows <= FEW_ROWS and self._fast(x)):
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        w = self.weight.detach() if rows == 1 else self._packed_weight()
-        b = None if self.bias is None else self.bias.detach()
-        y = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
+        # Decode steps make ~50 of these calls per token, so this path is written for few Python-level operations.
+        w, k = self.weight, x.shape[-1]
+        rows = x.numel() // k if k else 0
+        if not (
+            0 < rows <= FEW_ROWS
+            and ONEDNN
+            and x.dtype is torch.float32
+            and w.dtype is torch.float32
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        ):
+            return F.linear(x, w, self.bias)
+        # No autograd here (checked above), so the parameters go to the op as they are.
+        weight = w if rows == 1 else self._packed_weight()
+        y = _onednn_linear(x.reshape(rows, k).contiguous(), weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
