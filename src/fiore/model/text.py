@@ -240,9 +240,9 @@ def late_alias(weight: torch.Tensor) -> torch.Tensor:
     """The tied weight for the LM head of one training forward; take it before any token of that forward is embedded.
 
     Why: autograd runs backward nodes newest first, so gradient that flows through this alias reaches the weight after
-    the embeddings' sparse row gradients. Only in that order does autograd add the two in place (a dense gradient
-    arriving second is added out of place: a full (V, d) copy, ~20 ms per lookup at 51k x 256 on two cores), and only
-    when the dense gradient is a fresh tensor, which is what `tied_logits` returns. Same values either way.
+    the embeddings' sparse row gradients. Autograd adds a dense gradient that comes after sparse ones in place, if it
+    is a fresh tensor (what `tied_logits` returns); a sparse one that comes after a dense one is added out of place,
+    a full (V, d) copy per lookup (~20 ms each at 51k x 256 on two cores). Same values either way.
     """
     return _LateAlias.apply(weight)
 
