@@ -210,10 +210,11 @@ class DecoderLayer(_FFN):
 class SharedEmbedding(nn.Embedding):
     """The token embedding tied to the LM head; its gradient is sparse (the looked-up rows only) while training.
 
-    Why: the LM head's dense (V, d) gradient reaches the tied weight first in backward, and autograd adds sparse
-    rows into it in place, where dense embedding gradients would zero-fill and add two more (V, d) tensors (30-50 ms
-    a step at 51k x 256 on two cores). Were the LM head left out of a graph, the weight would end up with a sparse
-    gradient, which optimizers such as fused AdamW refuse: a hook turns that back into a dense one.
+    Why: dense embedding gradients zero-fill and add two more (V, d) tensors a step (30-50 ms at 51k x 256 on two
+    cores). The sparse rows are summed with the LM head's dense gradient in place when that one arrives last and
+    fresh, which `FlorenceModel.head_weight` arranges (see `late_alias`). Were the LM head left out of a graph, the
+    weight would end up with a sparse gradient, which optimizers such as fused AdamW refuse: a hook turns that back
+    into a dense one.
     """
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
