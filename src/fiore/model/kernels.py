@@ -37,6 +37,15 @@ _onednn_linear = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
 FEW_ROWS = 32
 
 
+def contents_key(t: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever `t`'s values may have: its storage (moved, re-assigned) or its version (in-place updates).
+
+    Derived copies of weights (blocked layouts, stacked projections) are rebuilt when their sources' keys change.
+    Inference tensors carry no version counter (and cannot be changed outside inference mode).
+    """
+    return t.data_ptr(), -1 if t.is_inference() else t._version
+
+
 class Linear(nn.Linear):
     """`nn.Linear` with the same parameters and state-dict keys, faster for few-row CPU float32 inference.
 
@@ -59,8 +68,7 @@ class Linear(nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
-        # Inference tensors carry no version counter (and cannot be changed outside inference mode).
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version)
+        key = contents_key(w)
         if self._packed is None or self._packed[0] != key:
             # The batch-size hint picks the blocking; 4 rows (a batch of 4, or 3 beams) is the common case.
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))

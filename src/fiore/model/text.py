@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fiore.config import TextConfig
 from fiore.model.cache import DecoderCache
-from fiore.model.kernels import Linear, dropout
+from fiore.model.kernels import Linear, contents_key, dropout
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU, as BART's "gelu"
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         parameters changes) streams the same bytes once. Same maths as three projections.
         """
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for m in parts for t in (m.weight, m.bias))
+        key = tuple(contents_key(t) for m in parts for t in (m.weight, m.bias))
         stacked = self.__dict__.get("_stacked_qkv")
         if stacked is None or stacked[0] != key:
             d = self.q_proj.in_features

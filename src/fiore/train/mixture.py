@@ -193,11 +193,11 @@ class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, row_max = ctx.saved_tensors
-        starts, rows = _row_slices(logits)
         if ctx.overwrite_logits:  # logits hold exp(logit - max): softmax = that * exp(max - lse)
             out = logits.mul_((row_max.squeeze(1) - lse).exp_().mul_(grad).unsqueeze(1))
         else:
             out = torch.empty_like(logits)
+            starts, rows = _row_slices(logits)
             for s in starts:
                 part = torch.sub(logits[s : s + rows], lse[s : s + rows, None], out=out[s : s + rows])
                 part.exp_().mul_(grad[s : s + rows, None])  # softmax * grad while the slice is in cache
