@@ -55,3 +55,50 @@ def test_modules_with_packed_weights_deep_copy():
         layer(torch.randn(3, 8))
     clone = copy.deepcopy(layer)
     assert clone._packed is None and torch.equal(clone.weight, layer.weight)
+
+
+def _grads(layer, x, fn):
+    for t in (x, layer.weight, layer.bias):
+        t.grad = None
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    return out.detach(), [t.grad for t in (x, layer.weight, layer.bias)]
+
+
+@pytest.mark.parametrize("in_f,out_f", [(32, 96), (128, 32), (64, 64)])
+def test_narrow_training_path_equals_f_linear(in_f, out_f):
+    torch.manual_seed(0)
+    layer = Linear(in_f, out_f)
+    x = torch.randn(4, 50, in_f, requires_grad=True)
+    got, got_grads = _grads(layer, x, layer)
+    assert type(layer(x).grad_fn).__name__ == "_NarrowLinearBackward"  # the oneDNN path was taken
+    want, want_grads = _grads(layer, x, lambda v: F.linear(v, layer.weight, layer.bias))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_narrow_path_gives_only_the_gradients_asked_for():
+    torch.manual_seed(0)
+    layer = Linear(32, 16)
+    layer.weight.requires_grad_(False)  # e.g. fine-tuning biases only
+    x = torch.randn(40, 32)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None
+    assert torch.allclose(layer.bias.grad, torch.full((16,), 40.0))
+
+
+def test_few_row_calls_keep_the_bias_gradient_when_only_the_bias_trains():
+    torch.manual_seed(0)
+    layer = Linear(128, 96)  # wide: not the narrow path
+    layer.weight.requires_grad_(False)
+    layer(torch.randn(3, 128)).sum().backward()
+    assert torch.allclose(layer.bias.grad, torch.full((96,), 3.0))
+
+
+def test_narrow_layers_under_autocast_use_f_linear():
+    layer = Linear(32, 64)
+    x = torch.randn(100, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype is torch.bfloat16 and type(out.grad_fn).__name__ != "_NarrowLinearBackward"

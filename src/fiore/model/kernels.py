@@ -8,9 +8,17 @@ and with the weight reordered once into oneDNN's blocked layout 9-15 GB/s for 3-
 (cold caches, 2 threads, the build machine; `benchmarks/bench_kernels.py`). A base decoder step with its LM head
 takes 32 ms instead of 37 ms at b=1 and 40 ms instead of 90 ms at b=4 (one run of that script).
 
-The fast path is taken only for inference: CPU, float32, and no gradient wanted. Training, CUDA, half precision
-and builds without oneDNN use `F.linear`. Results differ from `F.linear` by float32 rounding only (another order of
-the K-sum); token-level parity with transformers is tested through the engine.
+The few-row path is taken only for inference: CPU, float32, and no gradient wanted.
+
+Narrow layers (at most NARROW input or output features: the first two DaViT stages of small models, 32-64 channels
+over 16k-65k tokens) use oneDNN at any row count, in training too (`_NarrowLinear`: oneDNN for the output, with the
+bias fused in, and for the input gradient; MKL for the weight gradient). MKL's sgemm is slow when one side of the
+product is that thin: forward + backward of those layers takes 0.81-0.92x the time with oneDNN, inference
+0.69-0.90x; 128-wide layers were 1.02-1.06x slower with it in training, so the threshold is 64 (build machine,
+2 threads: `python benchmarks/bench_kernels.py --narrow`). On the tiny preset's training step that is ~2%.
+
+CUDA, half precision, autocast and builds without oneDNN use `F.linear`. Results differ from `F.linear` by float32
+rounding only (another order of the K-sum); token-level parity with transformers is tested through the engine.
 
 `dropout` draws its mask from 16-bit random lanes of 64-bit draws: PyTorch's CPU `bernoulli_` spends ~10 ns per
 element (~50 ms of a 1.9 s tiny-preset training step); this is ~3x faster with the multiply.
@@ -21,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _onednn_linear_available() -> bool:
@@ -35,6 +44,8 @@ _onednn_linear = torch.ops.mkldnn._linear_pointwise.default if ONEDNN else None
 # Calls with at most this many rows are the memory-bound few-row regime (decoder steps: batch x beams); above it
 # the matmul is compute-bound and MKL is as fast as anything else.
 FEW_ROWS = 32
+# Layers whose narrower side has at most this many features take oneDNN whatever the row count (see above).
+NARROW = 64
 
 
 def contents_key(t: torch.Tensor) -> tuple[int, int]:
@@ -76,21 +87,53 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode steps make ~50 of these calls per token, so this path is written for few Python-level operations.
-        w, k = self.weight, x.shape[-1]
+        w, b, k = self.weight, self.bias, x.shape[-1]
         rows = x.numel() // k if k else 0
-        if not (
-            0 < rows <= FEW_ROWS
-            and ONEDNN
-            and x.dtype is torch.float32
-            and w.dtype is torch.float32
-            and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        ):
-            return F.linear(x, w, self.bias)
-        # No autograd here (checked above), so the parameters go to the op as they are.
-        weight = w if rows == 1 else self._packed_weight()
-        y = _onednn_linear(x.reshape(rows, k).contiguous(), weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        if not (ONEDNN and x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and rows):
+            return F.linear(x, w, b)
+        grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad or (b is not None and b.requires_grad))
+        if rows <= FEW_ROWS and not grad:
+            # No autograd here (checked above), so the parameters go to the op as they are.
+            weight = w if rows == 1 else self._packed_weight()
+            y = _onednn_linear(x.reshape(rows, k).contiguous(), weight, b, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        if min(k, self.out_features) > NARROW or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, w, b)
+        if grad:
+            return _NarrowLinear.apply(x, w, b)
+        return _narrow_forward(x, w, b)
+
+
+def _narrow_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    y = _onednn_linear(x.reshape(-1, k).contiguous(), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _NarrowLinear(torch.autograd.Function):
+    """`F.linear` for narrow CPU float32 layers: oneDNN output (bias fused) and input gradient, MKL weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return _narrow_forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        n, k = weight.shape
+        grad = grad.reshape(-1, n).contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t(), None, "none", [], "").view(x.shape)
+        if ctx.needs_input_grad[1]:
+            x = x.reshape(-1, k)
+            # MKL is faster with the longer side of the (n, k) result as its rows; the transposed copy is tiny.
+            grad_w = grad.t().mm(x) if n >= k else x.t().mm(grad).t().contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 # Inputs smaller than this keep F.dropout: the saving would not pay for the extra Python-level ops.
