@@ -387,3 +387,33 @@ def test_split_heads_gradient():
     assert torch.equal(k[1, 0, 4], qkv[1, 4, 6:9].detach())  # k is the second third, head 0 its first 3 channels
     assert torch.autograd.gradcheck(lambda t: split_heads(t, 2), (qkv,))
     assert torch.autograd.gradcheck(lambda t: split_heads(t, 3)[1], (qkv,))  # unused outputs get zero gradient
+
+
+def test_window_heads_split_and_merge():
+    from fiore.model.davit import merge_window_heads, split_window_heads
+
+    # (B, H, W, 3C) = (2, 4, 6, 3 * 4): windows of 2x2, 2 heads of 2 channels.
+    qkv = torch.randn(2, 4, 6, 12, dtype=torch.float64, requires_grad=True)
+    q, k, v = split_window_heads(qkv, 2, 2)
+    assert q.shape == (2 * 2 * 3, 2, 4, 2) and v.is_contiguous()
+    # Window 4 = image 0, window row 1, window column 1; its token 3 = pixel (3, 3); head 1 = channels 2:4 of a part.
+    assert torch.equal(k[4, 1, 3], qkv[0, 3, 3, 4 + 2 : 4 + 4].detach())
+    assert torch.equal(merge_window_heads(v, 2, 4, 6, 2), qkv[..., 8:].detach())  # merge undoes the split
+    assert torch.autograd.gradcheck(lambda t: split_window_heads(t, 2, 2), (qkv,))
+    assert torch.autograd.gradcheck(lambda t: split_window_heads(t, 1, 2)[2], (qkv,))
+
+
+def test_drop_path_residual_equals_adding_the_dropped_branch():
+    from fiore.model.davit import DropPath
+
+    drop = DropPath(0.5).train()
+    x, branch = torch.randn(64, 3, 3, 4), torch.randn(64, 3, 3, 4)
+    torch.manual_seed(0)
+    got = drop.residual(x, branch)
+    torch.manual_seed(0)
+    want = x + drop(branch)  # same random draws, so the same samples dropped
+    assert torch.allclose(got, want, atol=1e-6)
+    kept = (got - x).flatten(1).abs().sum(1) > 0
+    assert 10 < int(kept.sum()) < 54  # whole samples dropped, about half of them
+    assert torch.allclose((got - x)[kept], 2 * branch[kept], atol=1e-6)
+    assert torch.equal(drop.eval().residual(x, branch), x + branch)

@@ -68,9 +68,18 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
+        return x * self._mask(x)  # one pass over x
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + forward(branch), in one pass when training (a separate multiply and add would be two)."""
+        if self.p == 0.0 or not self.training:
+            return x + branch
+        return torch.addcmul(x, branch, self._mask(branch))
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1.0 - self.p
         mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
-        return x * mask.div_(keep)  # one pass over x
+        return mask.div_(keep)
 
 
 def heads_view(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -79,34 +88,60 @@ def heads_view(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return qkv.view(N, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
 
 
+def window_heads_view(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
+    """Fused (B, H, W, 3*C) qkv of whole windows -> a (3, B, H/ws, W/ws, heads, ws, ws, C/heads) view, no copy.
+
+    Made contiguous, it is q, k, v as (windows, heads, ws*ws, C/heads): window partition and head split in one copy.
+    """
+    B, H, W, C3 = qkv.shape
+    return qkv.view(B, H // ws, ws, W // ws, ws, 3, heads, C3 // (3 * heads)).permute(5, 0, 1, 3, 6, 2, 4, 7)
+
+
 class _SplitHeads(torch.autograd.Function):
-    """Training: fused (N, T, 3*C) qkv -> contiguous q, k, v, each (N, heads, T, C/heads).
+    """Training: fused qkv -> contiguous q, k, v of `shape` (N, heads, T, C/heads) each, through `layout`, a function
+    that views the fused tensor as (3, ...) in that order (`heads_view`, `window_heads_view`).
 
     Why: the view/permute/unbind chain costs two passes over the qkv gradient in backward (unbind stacks the three
     gradients, then the permute is made contiguous again); here each direction is one strided copy.
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, heads: int):
-        parts = heads_view(qkv, heads).contiguous()
+    def forward(ctx, qkv: torch.Tensor, layout, shape: tuple[int, int, int, int]):
+        ctx.layout, ctx.qkv_shape = layout, qkv.shape
+        parts = layout(qkv).contiguous().view(3, *shape)
         return parts[0], parts[1], parts[2]
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         given = next(g for g in grads if g is not None)
-        N, heads, T, hd = given.shape
-        out = given.new_empty(N, T, 3, heads, hd)
+        out = given.new_empty(ctx.qkv_shape)
+        target = ctx.layout(out)
         for i, g in enumerate(grads):
             if g is None:
-                out[:, :, i].zero_()
+                target[i].zero_()
             else:
-                out[:, :, i].copy_(g.transpose(1, 2))
-        return out.view(N, T, 3 * heads * hd), None
+                target[i].copy_(g.reshape(target[i].shape))
+        return out, None, None
 
 
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, T, 3*C) -> q, k, v as contiguous (N, heads, T, C/heads) tensors."""
-    return _SplitHeads.apply(qkv, heads)
+    N, T, C3 = qkv.shape
+    return _SplitHeads.apply(qkv, lambda t: heads_view(t, heads), (N, heads, T, C3 // (3 * heads)))
+
+
+def split_window_heads(qkv: torch.Tensor, heads: int, ws: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, W, 3*C) of whole windows -> q, k, v as contiguous (windows, heads, ws*ws, C/heads) tensors."""
+    B, H, W, C3 = qkv.shape
+    shape = (B * (H // ws) * (W // ws), heads, ws * ws, C3 // (3 * heads))
+    return _SplitHeads.apply(qkv, lambda t: window_heads_view(t, heads, ws), shape)
+
+
+def merge_window_heads(x: torch.Tensor, B: int, H: int, W: int, ws: int) -> torch.Tensor:
+    """(windows, heads, ws*ws, C/heads) -> (B, H, W, C): window reverse and head merge in one copy."""
+    nW, heads, T, hd = x.shape
+    x = x.view(B, H // ws, W // ws, heads, ws, ws, hd).permute(0, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, H, W, heads * hd)
 
 
 class WindowAttention(nn.Module):
@@ -125,12 +160,12 @@ class WindowAttention(nn.Module):
         ws = self.window_size
         # Zero-pad right/bottom to whole windows; padded tokens are attended, as in the original, then cropped.
         pad_h, pad_w = (-H) % ws, (-W) % ws
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        nW, T, _ = x.shape
         if torch.is_grad_enabled() and x.requires_grad:
-            q, k, v = split_heads(self.qkv(x), self.num_heads)
+            # Training: q, k, v come out of the fused projection already in window order (one copy each way).
+            q, k, v = split_window_heads(self.qkv(x), self.num_heads, ws)
             if x.device.type == "cpu":
                 # CPU training: with windows this small (T <= 144) plain matmuls + softmax run fwd+bwd ~25% faster
                 # than SDPA's CPU flash kernel; for inference the flash kernel is the faster one (2x at T=144).
@@ -138,10 +173,14 @@ class WindowAttention(nn.Module):
             else:
                 x = F.scaled_dot_product_attention(q, k, v)  # GPU kernels keep the scores out of memory
         else:
+            # Inference: partitioning the C-wide input is cheaper than copying the 3C-wide qkv into window order,
+            # and SDPA reads q, k, v as strided views.
+            x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
             x = F.scaled_dot_product_attention(*heads_view(self.qkv(x), self.num_heads).unbind(0))  # (nW, heads, T, hd)
-        x = self.proj(x.transpose(1, 2).reshape(nW, T, C))
-        x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        return x[:, :H, :W]
+        x = merge_window_heads(x, B, Hp, Wp, ws)
+        if pad_h or pad_w:
+            x = x[:, :H, :W]
+        return self.proj(x)
 
 
 class ChannelAttention(nn.Module):
@@ -217,9 +256,9 @@ class _MixerBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         if torch.is_grad_enabled() or self.training:
             x = x + as_nhwc(self.conv1(as_nchw(x)))
-            x = x + self.drop_path(self.attend(self.norm1(x)))
+            x = self.drop_path.residual(x, self.attend(self.norm1(x)))
             x = x + as_nhwc(self.conv2(as_nchw(x)))
-            return x + self.drop_path(self.ffn(self.norm2(x)))
+            return self.drop_path.residual(x, self.ffn(self.norm2(x)))
         # Inference: residuals added in place, the per-token parts run on slices of tokens.
         x = x + as_nhwc(self.conv1(as_nchw(x)))  # a new tensor: the caller's input is never written
         self.attend_inplace(x)
