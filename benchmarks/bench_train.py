@@ -13,7 +13,9 @@ vocabulary a from-scratch run gets, and fiore with K=4 task rows sharing each im
 it speeds up both sides, so the ratio is measured with both under the same allocator); `both` runs the benchmark
 twice, in two child processes, and prints both tables.
 
-Prints one line per variant and `ratio fiore/transformers` (target <= 0.8).
+Prints one line per variant and `ratio fiore/transformers` (target <= 0.8): the ratio of the two medians, then
+the median of the per-round ratios (each fiore step over the transformers step just before it), which drifts of
+the machine's speed during the run affect less.
 """
 
 from __future__ import annotations
@@ -183,6 +185,10 @@ def main() -> None:
         print(f"  {name:44s} {t:7.3f} s/step  ({spread})  {B / t:6.1f} images/s  {rows / t:6.1f} rows/s")
     hf, ours = med["transformers (vocab 51328)"], med["fiore (vocab 51328)"]
     print(f"ratio fiore/transformers (same config, vocab 51328): {ours / hf:.3f}  (target <= 0.8)")
+    # Each fiore step against the transformers step just before it: drifts of the machine's speed over a run
+    # (+-20% within minutes here) cancel out of this one.
+    pairs = zip(times["fiore (vocab 51328)"], times["transformers (vocab 51328)"], strict=True)
+    print(f"  the same, median of per-round ratios: {statistics.median(f / h for f, h in pairs):.3f}")
     small = med[f"fiore (vocab {args.small_vocab})"]
     print(f"ratio fiore small vocab/transformers: {small / hf:.3f}")
 
