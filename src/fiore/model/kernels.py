@@ -94,20 +94,18 @@ class Linear(nn.Linear):
         grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad or (b is not None and b.requires_grad))
         if rows <= FEW_ROWS and not grad:
             # No autograd here (checked above), so the parameters go to the op as they are.
-            weight = w if rows == 1 else self._packed_weight()
-            y = _onednn_linear(x.reshape(rows, k).contiguous(), weight, b, "none", [], "")
-            return y.view(*x.shape[:-1], self.out_features)
+            return _onednn_forward(x, w if rows == 1 else self._packed_weight(), b, self.out_features)
         if min(k, self.out_features) > NARROW or torch.is_autocast_enabled("cpu"):
             return F.linear(x, w, b)
         if grad:
             return _NarrowLinear.apply(x, w, b)
-        return _narrow_forward(x, w, b)
+        return _onednn_forward(x, w, b, self.out_features)
 
 
-def _narrow_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    k = x.shape[-1]
-    y = _onednn_linear(x.reshape(-1, k).contiguous(), weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """(..., k) -> (..., out_features) by oneDNN's linear; `weight` is (out_features, k) or its blocked copy."""
+    y = _onednn_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], out_features)
 
 
 class _NarrowLinear(torch.autograd.Function):
@@ -116,7 +114,7 @@ class _NarrowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return _narrow_forward(x, weight, bias)
+        return _onednn_forward(x, weight, bias, weight.shape[0])
 
     @staticmethod
     @once_differentiable
