@@ -115,3 +115,51 @@ def test_examples_and_round_trip():
             back = task.parse("</s><s>" + target + "</s>", s.size)
             assert type(back) is type(e.target), name
             assert back.warnings == [], (name, back.warnings)
+
+
+# What official Florence-2 checkpoints emit for each task (after `</s><s>`): Microsoft's sample notebook and model
+# card answers, in the grammar of the shared reference's parse rules (section 3.5). A target fiore trains on must
+# have the same shape, so that a fiore-trained model speaks to every client that reads Florence-2 output.
+OFFICIAL_SHAPES = {
+    "caption": r"[^<]+",
+    "detailed_caption": r"[^<]+",
+    "more_detailed_caption": r"[^<]+",
+    "ocr": r"[^<]+",
+    "vqa": r"[^<]+",
+    "classify": r"[^<]+",
+    "od": r"([^<]+(<loc_\d+>){4})+",
+    "dense_region_caption": r"([^<]+(<loc_\d+>){4})+",
+    "region_proposal": r"((<loc_\d+>){4})+",
+    "caption_to_phrase_grounding": r"([^<]+((<loc_\d+>){4})+)+",
+    "referring_expression_segmentation": r"(<loc_\d+>)+(<sep>(<loc_\d+>)+)*",
+    "region_to_segmentation": r"(<loc_\d+>)+(<sep>(<loc_\d+>)+)*",
+    "open_vocabulary_detection": r"([^<]+(<loc_\d+>){4})+",
+    "ocr_with_region": r"([^<]+(<loc_\d+>){8})+",
+    # region tasks: the answer, then the region's own 4 loc tokens echoed ('car<loc_52><loc_332><loc_932><loc_774>')
+    "region_to_category": r"[^<]+(<loc_\d+>){4}",
+    "region_to_description": r"[^<]+(<loc_\d+>){4}",
+    "region_to_ocr": r"[^<]+(<loc_\d+>){4}",
+}
+
+
+def test_training_targets_have_the_official_output_format():
+    import re
+
+    from fiore.tasks.locations import box_to_tokens
+
+    s = _sample()
+    seen = set()
+    for task in tasks.all():
+        for e in task.examples(s):
+            target = task.target(e, s.size)
+            assert re.fullmatch(OFFICIAL_SHAPES[task.name], target), (task.name, target)
+            if task.inputs == "region" and task.name != "region_to_segmentation":
+                assert target.endswith(box_to_tokens(e.region, s.size)), task.name  # the echo is the input region
+                back = task.parse("</s><s>" + target + "</s>", s.size)
+                assert "<loc_" not in back.to_json()["label" if task.name == "region_to_category" else "text"]
+            seen.add(task.name)
+    assert set(OFFICIAL_SHAPES) == set(tasks.names())
+    assert seen == set(OFFICIAL_SHAPES) - {"detailed_caption", "more_detailed_caption"}  # not in this sample
+    r2c = tasks.get("region_to_category")
+    example = tasks.Example(region=(52.4, 332.0, 932.9, 774.6), target=Label("car"))
+    assert r2c.target(example, (1000, 1000)) == "car<loc_52><loc_332><loc_932><loc_774>"

@@ -85,8 +85,8 @@ class FakeTask:
     def prompt(self, text=None, region=None, image_size=None):
         return f"<{self.name}>{text}"
 
-    def serialize(self, target, image_size):
-        return target * 3
+    def target(self, example, image_size):
+        return example.target * 3
 
 
 class FakeTokenizer:

@@ -20,6 +20,10 @@ from safetensors.torch import load_file, save_file
 from fiore.config import ModelConfig, TextConfig, VisionConfig
 from fiore.model.florence import SHARED_KEY, TIED_KEYS, FlorenceModel
 
+# fiore's image-text heads (`FlorenceModel.contrastive`), stored beside the Florence-2 weights, unprefixed.
+CONTRASTIVE_FILE = "contrastive.safetensors"
+CONTRASTIVE_PREFIX = "contrastive."
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read or does not match the model it describes."""
@@ -242,6 +246,9 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     if is_original_format(state_dict):
         state_dict = original_to_native(state_dict)
     _canonical_tied(state_dict)
+    heads = directory / CONTRASTIVE_FILE
+    if heads.exists():
+        state_dict.update({CONTRASTIVE_PREFIX + k: v for k, v in load_file(str(heads)).items()})
     return config, state_dict
 
 
@@ -344,7 +351,18 @@ def save_checkpoint(model: FlorenceModel, config: ModelConfig, path: str | Path,
     directory.mkdir(parents=True, exist_ok=True)
     # Tied aliases are stored once (as transformers does): safetensors refuses tensors that share memory.
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    # The image-text heads are fiore's own: a file of their own keeps model.safetensors exactly what
+    # transformers' Florence2 expects (it loads that file alone and never sees them).
+    heads = {
+        k.removeprefix(CONTRASTIVE_PREFIX): state_dict.pop(k)
+        for k in list(state_dict)
+        if k.startswith(CONTRASTIVE_PREFIX)
+    }
     save_file(state_dict, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if heads:
+        save_file(heads, str(directory / CONTRASTIVE_FILE), metadata={"format": "pt"})
+    else:
+        (directory / CONTRASTIVE_FILE).unlink(missing_ok=True)
     (directory / "config.json").write_text(json.dumps(native_config(config, model.dtype), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(directory)

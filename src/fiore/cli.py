@@ -161,6 +161,67 @@ def label(
 
 
 @app.command()
+def search(
+    folder: Path = typer.Argument(..., help="folder of images (searched recursively)", exists=True, file_okay=False),
+    query: str = typer.Option(..., "--text", "-q", help="what to look for, e.g. 'a red star on a striped background'"),
+    top: int = typer.Option(10, "--top", "-k", min=1, help="how many images to list"),
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Text-to-image search over a folder with the image-text heads: the closest images first."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from fiore.label import list_images
+
+    if not query.strip():
+        raise typer.BadParameter("the query is empty", param_hint="--text")
+    names = list_images(folder)
+    if not names:
+        raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
+    florence = _load_florence(model, device)
+    try:
+        ranked = florence.search(query, [folder / n for n in names], top_k=top)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    table = Table("rank", "image", "similarity")
+    for i, (path, similarity) in enumerate(ranked, 1):
+        table.add_row(str(i), escape(str(Path(path).relative_to(folder))), f"{similarity:.3f}")
+    Console().print(table)
+
+
+@app.command("zero-shot")
+def zero_shot(
+    images: list[Path] = typer.Argument(..., help="image files", exists=True, dir_okay=False, readable=True),
+    labels: str = typer.Option(..., "--labels", "-l", help="candidate classes, separated by ';' or ','"),
+    template: str | None = typer.Option(None, "--template", help="label prompt with {} (default: the model's own)"),
+    model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Zero-shot classification from label prompts with the image-text heads."""
+    import re
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    candidates = [x.strip() for x in re.split(r"[;,]", labels) if x.strip()]
+    if not candidates:
+        raise typer.BadParameter("no labels given", param_hint="--labels")
+    florence = _load_florence(model, device)
+    table = Table("image", "label", "probability", "runner-up")
+    for path in images:
+        try:
+            result = florence.zero_shot(path, candidates, template=template)
+        except ValueError as e:
+            raise typer.BadParameter(f"{path}: {e}", param_hint="IMAGES / --labels / --template") from None
+        second = f"{result.ranking[1][0]} {result.ranking[1][1]:.3f}" if len(result.ranking) > 1 else ""
+        table.add_row(escape(path.name), escape(result.label), f"{result.score:.3f}", escape(second))
+    Console().print(table)
+
+
+@app.command()
 def serve(
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     host: str = typer.Option("127.0.0.1", "--host"),
@@ -201,13 +262,19 @@ def eval_(
     java: bool = typer.Option(False, "--java", help="also compute METEOR (needs Java)"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation (all tasks)"),
     score_mode: str | None = typer.Option(None, "--score-mode", help="instance confidence: loc or label_loc"),
+    swap: bool = typer.Option(
+        False, "--swap-images", help="give each sample the next sample's image (ground truth kept): a blindness check"
+    ),
+    zero_shot: bool = typer.Option(
+        False, "--zero-shot", help="also classify each image's label zero-shot with the image-text heads"
+    ),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
     from rich.console import Console
 
     from fiore.data.readers import read_dataset
-    from fiore.eval.runner import evaluate, resolve_tasks
+    from fiore.eval.runner import evaluate, evaluate_zero_shot, resolve_tasks, swap_images
 
     try:
         samples = read_dataset(data)
@@ -217,8 +284,16 @@ def eval_(
         task_list = resolve_tasks(None if tasks.strip() == "all" else tasks)
     except (KeyError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    samples = samples[:limit] if limit is not None else samples
+    if swap:
+        try:
+            samples = swap_images(samples)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--swap-images") from None
     florence = _load_florence(model, device)
-    meta = {"model": model or "default", "data": str(data), "score_mode": score_mode or "default"}
+    if zero_shot and florence.model.contrastive is None:
+        raise typer.BadParameter(f"{model or 'the default model'} has no image-text heads", param_hint="--zero-shot")
+    meta = {"model": model or "default", "data": str(data), "score_mode": score_mode or "default", "swap_images": swap}
     report = evaluate(
         florence,
         samples,
@@ -230,6 +305,8 @@ def eval_(
         max_new_tokens=max_new_tokens,
         score_mode=score_mode,
     )
+    if zero_shot:
+        report.tasks["zero_shot"] = evaluate_zero_shot(florence, samples)
     report.print(Console())
     paths = report.save(out)
     typer.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['predictions']}")

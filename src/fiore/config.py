@@ -63,6 +63,10 @@ class ModelConfig:
     image_size: tuple[int, int] = (768, 768)  # (height, width) the processor resizes to
     # Native (transformers) checkpoints reserve an `<image>` token id; None for Microsoft's original format.
     image_token_id: int | None = None
+    # Image-text alignment heads (fiore.model.contrastive); 0 = none, as in the official checkpoints.
+    contrastive_dim: int = 0
+    # How a class name becomes a text for the heads (training with label texts, zero-shot classification).
+    contrastive_template: str = "a photo of a {}."
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

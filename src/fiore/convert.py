@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from fiore.checkpoint import (
     _BART_DEFAULTS,
+    CONTRASTIVE_PREFIX,
     ORIGINAL_TO_NATIVE,
     load_checkpoint,
     save_checkpoint,
@@ -127,6 +129,14 @@ def convert(src: str | Path, dst: str | Path, to: str = "native") -> Path:
 
         save_checkpoint(build_model(config, state_dict, source=str(src)), config, dst)
     else:
+        heads = [k for k in state_dict if k.startswith(CONTRASTIVE_PREFIX)]
+        if heads:  # the original config has no field for them, and Microsoft's code no module
+            warnings.warn(
+                f"{src}: the image-text heads ({len(heads)} tensors) are not part of the original layout; "
+                "they are left out (convert to native to keep them)",
+                stacklevel=2,
+            )
+            state_dict = {k: v for k, v in state_dict.items() if k not in heads}
         save_file(native_to_original(state_dict), str(dst / "model.safetensors"), metadata={"format": "pt"})
         (dst / "config.json").write_text(json.dumps(original_config(config), indent=2) + "\n")
     for f in tokenizer_files(src):

@@ -107,6 +107,32 @@ class Florence:
 
         return classify(self, image, labels, region=region, task=task)
 
+    # -- image-text heads (models trained with a contrastive phase): see fiore.embeddings ------------------------
+
+    def embed_images(self, images):
+        """Images -> (N, D) unit image embeddings."""
+        from fiore.embeddings import embed_images
+
+        return embed_images(self, images)
+
+    def embed_texts(self, texts):
+        """Texts -> (M, D) unit text embeddings, comparable with `embed_images` by dot product."""
+        from fiore.embeddings import embed_texts
+
+        return embed_texts(self, texts)
+
+    def zero_shot(self, image, labels, template=None):
+        """Zero-shot classification from label prompts (-> Label with `ranking`). See `embeddings.zero_shot`."""
+        from fiore.embeddings import zero_shot
+
+        return zero_shot(self, image, labels, template=template)
+
+    def search(self, query, images, top_k=None):
+        """Rank images by similarity to a text query (-> [(image, similarity), ...]). See `embeddings.search`."""
+        from fiore.embeddings import search
+
+        return search(self, query, images, top_k=top_k)
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         return f"Florence({n / 1e6:.1f}M params, {self.dtype}, {self.device}, source={self.source})"

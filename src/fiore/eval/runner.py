@@ -328,3 +328,46 @@ def headline_metrics(
     out = report.headline()
     out.update({f"{n}/errors": float(t.errors) for n, t in report.tasks.items() if t.errors})
     return out
+
+
+def swap_images(samples: Sequence[Any]) -> list[Any]:
+    """Copies of `samples` where sample i shows the image of sample i+1 (the last, the first's) and keeps its own
+    ground truth: a model that uses the image falls to chance on them, a blind one does not notice."""
+    samples = list(samples)
+    if len(samples) < 2:
+        raise ValueError("swapping images needs at least 2 samples")
+    out = []
+    for i, sample in enumerate(samples):
+        donor = samples[(i + 1) % len(samples)]
+        out.append(dataclasses.replace(sample, image=donor.image, image_path=donor.image_path))
+    return out
+
+
+def evaluate_zero_shot(florence, samples: Sequence[Any], labels: Sequence[str] | None = None, batch_size: int = 16):
+    """Zero-shot classification of each sample's `label` with the image-text heads -> TaskReport "zero_shot"
+    (top-1 accuracy over the candidate `labels`, default: every label in `samples`)."""
+    from fiore.embeddings import embed_images, embed_texts
+
+    report = TaskReport(task="zero_shot", headline=("top1",))
+    labelled = [s for s in samples if getattr(s, "label", None)]
+    report.no_examples = len(samples) - len(labelled)
+    labels = sorted({s.label for s in labelled}) if labels is None else list(labels)
+    if not labelled or not labels:
+        return report
+    template = florence.config.contrastive_template
+    texts = embed_texts(florence, [template.format(label) for label in labels])
+    correct = 0
+    for i in range(0, len(labelled), batch_size):
+        chunk = labelled[i : i + batch_size]
+        try:
+            images = embed_images(florence, [s.load_image() for s in chunk])
+        except Exception as e:  # isolate: count the chunk as errors, keep going
+            report.add_error(f"images {[s.image_id for s in chunk]}: {type(e).__name__}: {e}", count=len(chunk))
+            continue
+        best = (images @ texts.t()).argmax(1).tolist()
+        correct += sum(labels[b] == s.label for b, s in zip(best, chunk, strict=True))
+        report.examples += len(chunk)
+        report.samples += len(chunk)
+    if report.examples:
+        report.metrics = {"top1": correct / report.examples, "candidates": float(len(labels))}
+    return report

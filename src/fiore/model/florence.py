@@ -7,6 +7,7 @@ from torch import nn
 
 from fiore.config import ModelConfig
 from fiore.model.cache import DecoderCache
+from fiore.model.contrastive import ContrastiveHeads
 from fiore.model.davit import DaViT
 from fiore.model.kernels import Linear
 from fiore.model.projector import Projector, sinusoid_table
@@ -44,6 +45,9 @@ class FlorenceModel(nn.Module):
         self.config = config
         self.model = Parts(config)
         self.lm_head = Linear(config.text.d_model, config.text.vocab_size, bias=False)
+        self.contrastive = (
+            ContrastiveHeads(config.text.d_model, config.contrastive_dim) if config.contrastive_dim > 0 else None
+        )
         self.init_weights()
 
     # -- parts -----------------------------------------------------------------------------------------------------
@@ -66,9 +70,19 @@ class FlorenceModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """BART-style init for training from scratch: N(0, std) weights, zero biases, unit LayerNorms."""
+        """Init for training from scratch: N(0, std) linears and embeddings (BART, and timm's DaViT for its
+        linears), zero biases, unit LayerNorms; convolutions keep PyTorch's fan-in init, as timm's DaViT does.
+
+        Why the convolutions differ: N(0, 0.02) patch and position convs leave the tiny DaViT nearly linear at init
+        (what reaches the pooled token is little more than mean colour), and a background classifier on it stayed
+        at chance for 300 steps; with fan-in convs the same run learns (docs/training.md, "A vision tower that
+        learns").
+        """
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            if isinstance(m, nn.Conv2d):
+                if m.weight.device.type != "meta":
+                    m.reset_parameters()
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, std)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
@@ -132,6 +146,29 @@ class FlorenceModel(nn.Module):
             text_mask = attention_mask.to(torch.bool)
         mask = torch.cat([image_mask, text_mask.to(x.device)], dim=1)
         return lm.encoder(x, mask), mask
+
+    def _heads(self) -> ContrastiveHeads:
+        if self.contrastive is None:
+            raise ValueError(
+                "this model has no image-text heads (config.contrastive_dim = 0): official Florence-2 checkpoints "
+                "have none; train them with a contrastive phase (docs/training.md)"
+            )
+        return self.contrastive
+
+    def embed_image(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) image tokens from `encode_image` -> (B, contrastive_dim) unit image embeddings."""
+        return self._heads().embed_image(image_features)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) text tokens (`<s> text </s>`, right-padded) -> (B, contrastive_dim) unit text embeddings: the
+        text encoder run on the text alone (no image tokens), mean-pooled."""
+        heads = self._heads()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        encoder = self.language_model.encoder
+        mask = attention_mask.to(torch.bool)
+        hidden = encoder(encoder.embed(input_ids), mask)
+        return heads.embed_text(hidden, mask)
 
     def decode(
         self,

@@ -52,6 +52,7 @@ class Task:
     _serialize: Callable[[Result, tuple[float, float]], str] = field(repr=False)
     _examples: Callable[[Sample], list[Example]] = field(repr=False)
     max_text_chars: int = MAX_TEXT_CHARS
+    echoes_region: bool = False  # the answer is followed by the region's 4 loc tokens, as official models emit it
 
     def prompt(self, text: str | None = None, region: Sequence[float] | str | None = None, image_size=None) -> str:
         """The prompt text for this task.
@@ -120,6 +121,18 @@ class Task:
     def serialize(self, result: Result, image_size) -> str:
         """Training target for `result` (no `<s>`/`</s>`); coordinates quantized against `image_size`."""
         return self._serialize(result, image_size)
+
+    def target(self, example: Example, image_size) -> str:
+        """The training target of `example`: the string an official Florence-2 checkpoint emits for it.
+
+        That is `serialize(example.target)`, plus, for the region tasks that echo their input (region to
+        category / description / OCR), the region's 4 loc tokens after the answer: official checkpoints answer
+        `car<loc_52><loc_332><loc_932><loc_774>`, and clients that read Florence-2 output expect it.
+        """
+        text = self.serialize(example.target, image_size)
+        if self.echoes_region:
+            text += self.region_tokens(example.region, image_size)
+        return text
 
     def parse(self, text: str, image_size, token_logprobs=None, score_mode: str = "loc") -> Result:
         """Raw decoded text (specials included, e.g. "</s><s>car<loc_1>...</s>") -> typed Result. Never raises on

@@ -125,9 +125,9 @@ def _vqa(s: Sample) -> list[Example]:
 # ---- the catalogue --------------------------------------------------------------------------------------------
 
 
-def _task(name, template, inputs, max_new_tokens, description, parse, serialize, examples) -> Task:
+def _task(name, template, inputs, max_new_tokens, description, parse, serialize, examples, **options) -> Task:
     token = f"<{name.upper()}>"
-    return Task(name, token, template, inputs, max_new_tokens, description, parse, serialize, examples)
+    return Task(name, token, template, inputs, max_new_tokens, description, parse, serialize, examples, **options)
 
 
 _text = partial(P.parse_text, strip_locs=False)
@@ -163,11 +163,11 @@ TASKS: list[Task] = [
     _task("open_vocabulary_detection", "Locate {input} in the image.", "text", 1024,
           "text = a class name or phrase; its boxes or polygons", P.parse_mixed, S.serialize_mixed, _ovd),
     _task("region_to_category", "What is the region {input}?", "region", 32, "region = a box; its category",
-          P.parse_label, S.serialize_text, _region_category),
+          P.parse_label, S.serialize_text, _region_category, echoes_region=True),
     _task("region_to_description", "What does the region {input} describe?", "region", 64,
-          "region = a box; its description", _region_text, S.serialize_text, _region_description),
+          "region = a box; its description", _region_text, S.serialize_text, _region_description, echoes_region=True),
     _task("region_to_ocr", "What text is in the region {input}?", "region", 128, "region = a box; the text in it",
-          _region_text, S.serialize_text, _region_ocr),
+          _region_text, S.serialize_text, _region_ocr, echoes_region=True),
     _task("classify", "What is the category of the image?", "none", 16, "one label for the whole image (fiore)",
           P.parse_label, S.serialize_text, _classify),
     _task("vqa", "Answer the question: {input}", "text", 32, "text = a question; a short answer (fiore)",

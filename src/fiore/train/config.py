@@ -6,6 +6,8 @@ Layout (see docs/training.md for every field):
     [tokenizer]  vocab_size, samples          (from-preset runs train a byte-level BPE on the data's text first)
     [data]       kind = "synthetic", seed, eval_seed, num_workers
     [tasks]      task name = weight lambda_t  (loss = sum_t lambda_t L_t, see `fiore.train.mixture`)
+    [contrastive] weight, texts              (image-text InfoNCE beside the tasks: `fiore.model.contrastive`)
+    [[phases]]   name, end, tasks, contrastive  (optional: training in phases, each with its own weights)
     [optim]      lr, weight_decay, betas, warmup_steps, steps, min_lr_ratio, batch_size, grad_accum, clip
     [train]      out_dir, seed, tasks_per_image, max_target_tokens, checkpoint_every, keep_checkpoints,
                  eval_every, eval_samples, log_every, freeze, precision, gradient_checkpointing
@@ -32,6 +34,8 @@ class ModelSection:
     text: dict[str, Any] = field(default_factory=dict)  # TextConfig field overrides
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig field overrides
     image_size: tuple[int, int] | None = None  # (height, width) override
+    contrastive_dim: int | None = None  # image-text heads of this size (0 = none); default: the preset's/checkpoint's
+    contrastive_template: str | None = None  # how a class name becomes a text, e.g. "a photo of a {}."
 
 
 @dataclass
@@ -49,6 +53,25 @@ class DataSection:
 
 
 @dataclass
+class ContrastiveSection:
+    weight: float = 0.0  # lambda of the image-text loss when no [[phases]] are given; needs model.contrastive_dim
+    # Which text of a sample pairs with its image, drawn uniformly among those it has: "label" (the class name in
+    # the model's contrastive_template), or a caption key ("caption", "detailed_caption", "more_detailed_caption").
+    texts: list[str] = field(default_factory=lambda: ["label", "caption"])
+
+
+@dataclass
+class Phase:
+    """One stage of training: from the previous phase's end to `end` (a fraction of optim.steps), with its own
+    task weights (default: [tasks]) and contrastive weight. The schedule (warmup, cosine) spans all phases."""
+
+    name: str
+    end: float
+    tasks: dict[str, float] = field(default_factory=dict)
+    contrastive: float = 0.0
+
+
+@dataclass
 class OptimSection:
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -60,6 +83,9 @@ class OptimSection:
     batch_size: int = 16  # images per optimizer step, over all processes and accumulation micro-steps
     grad_accum: int = 1
     clip: float = 1.0  # max global grad norm; 0 = no clipping
+    # Learning-rate multipliers per part (names of [train] freeze's parts or parameter prefixes), e.g.
+    # {vision_tower = 0.5}; the first matching entry applies, everything else trains at lr.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,8 +116,21 @@ class TrainConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     tasks: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
+    contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
+    phases: list[Phase] = field(default_factory=list)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def plan(self) -> list[Phase]:
+        """The phases with every field filled in: [[phases]] as given (tasks defaulting to [tasks]), or one phase
+        of [tasks] and [contrastive] weight over the whole run."""
+        if not self.phases:
+            return [Phase("train", 1.0, dict(self.tasks), self.contrastive.weight)]
+        return [Phase(p.name, p.end, dict(p.tasks or self.tasks), p.contrastive) for p in self.phases]
+
+    def phase_ends(self) -> list[int]:
+        """The optimizer step at which each phase ends (the last one at optim.steps)."""
+        return [round(p.end * self.optim.steps) for p in self.plan()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,7 +142,11 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         tasks = d.pop("tasks", None)
+        phases = d.pop("phases", [])
+        if not isinstance(phases, list):
+            raise ConfigError("[[phases]] must be an array of tables")
         sections = {name: _section(kind, d.get(name, {}), name) for name, kind in _SECTIONS.items()}
+        sections["phases"] = [_phase(p, i) for i, p in enumerate(phases)]
         config = cls(**sections) if tasks is None else cls(tasks=_tasks(tasks), **sections)
         config.validate()
         return config
@@ -118,7 +161,7 @@ class TrainConfig:
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"override {key!r}: {part!r} is not a config section")
                 node = node[part]
-            if not path and last != "tasks":
+            if not path and last not in ("tasks", "phases"):
                 raise ConfigError(f"override {key!r} must name a field as section.field")
             node[last] = value
         return TrainConfig.from_dict(d)
@@ -131,6 +174,20 @@ class TrainConfig:
             raise ConfigError(f"[data] kind {self.data.kind!r} is not supported (only 'synthetic')")
         if not self.tasks:
             raise ConfigError("[tasks] is empty: name at least one task with a weight")
+        if self.contrastive.weight < 0:
+            raise ConfigError(f"[contrastive] weight must be >= 0, got {self.contrastive.weight}")
+        sources = ("label", "caption", "detailed_caption", "more_detailed_caption")
+        for text in self.contrastive.texts:
+            if text not in sources:
+                raise ConfigError(f"[contrastive] texts: unknown source {text!r}; choose from {list(sources)}")
+        ends = [p.end for p in self.phases]
+        if self.phases and (ends != sorted(set(ends)) or not 0 < ends[0] or ends[-1] != 1.0):
+            raise ConfigError(f"[[phases]] end values must rise strictly and the last must be 1.0, got {ends}")
+        for p in self.phases:
+            if p.contrastive < 0 or any(not w >= 0 for w in p.tasks.values()):
+                raise ConfigError(f"phase {p.name!r}: weights must be >= 0")
+            if not any(w > 0 for w in (p.tasks or self.tasks).values()):
+                raise ConfigError(f"phase {p.name!r} needs at least one task with a weight > 0")
         for name, w in self.tasks.items():
             if not w > 0:
                 raise ConfigError(f"[tasks] weight of {name!r} must be > 0, got {w}")
@@ -139,6 +196,9 @@ class TrainConfig:
                 raise ConfigError(f"[optim] {name} must be >= 1, got {getattr(o, name)}")
         if o.batch_size % o.grad_accum:
             raise ConfigError(f"[optim] batch_size {o.batch_size} is not divisible by grad_accum {o.grad_accum}")
+        for part, scale in o.lr_scale.items():
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+                raise ConfigError(f"[optim] lr_scale of {part!r} must be a number > 0, got {scale!r}")
         if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0:
             raise ConfigError("[optim] needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         if t.precision not in ("fp32", "bf16"):
@@ -152,6 +212,7 @@ _SECTIONS = {
     "model": ModelSection,
     "tokenizer": TokenizerSection,
     "data": DataSection,
+    "contrastive": ContrastiveSection,
     "optim": OptimSection,
     "train": TrainSection,
 }
@@ -181,7 +242,7 @@ def _section(kind, values: dict, name: str):
     return kind(**out)
 
 
-def _tasks(values) -> dict[str, float]:
+def _tasks(values, allow_zero: bool = False) -> dict[str, float]:
     if not isinstance(values, dict):
         raise ConfigError("[tasks] must be a table of task name = weight")
     out = {}
@@ -190,6 +251,22 @@ def _tasks(values) -> dict[str, float]:
             raise ConfigError(f"[tasks] weight of {name!r} must be a number, got {w!r}")
         out[name] = float(w)
     return out
+
+
+def _phase(values, i: int) -> Phase:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[[phases]] entry {i} must be a table")
+    fields = {f.name for f in dataclasses.fields(Phase)}
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigError(f"unknown keys in [[phases]] entry {i}: {sorted(unknown)}; known: {sorted(fields)}")
+    if "end" not in values:
+        raise ConfigError(f"[[phases]] entry {i} needs `end`, the fraction of optim.steps where it ends")
+    values = dict(values)
+    values.setdefault("name", f"phase{i}")
+    if "tasks" in values:
+        values["tasks"] = _tasks(values["tasks"], allow_zero=True)
+    return Phase(**values)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

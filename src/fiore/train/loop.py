@@ -16,6 +16,7 @@ autocast and gradient checkpointing, frozen parts excluded from the optimizer, D
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,9 +31,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fiore.model.contrastive import unicl_loss
 from fiore.train import checkpointing, ddp, memory
 from fiore.train.config import TrainConfig
-from fiore.train.mixture import IGNORE_INDEX, Batch, Mixture, MixtureDataset, combine, loader, token_cross_entropy
+from fiore.train.mixture import (
+    IGNORE_INDEX,
+    Batch,
+    ContrastiveTexts,
+    Mixture,
+    MixtureDataset,
+    PhaseData,
+    combine,
+    loader,
+    token_cross_entropy,
+)
 
 # Named parts for `[train] freeze`: (name prefixes, substrings excluded). Tied token embeddings belong to
 # "embeddings" only, so freezing "encoder" leaves the shared embedding (also the LM head) trainable.
@@ -95,20 +107,41 @@ def vision_frozen(model: nn.Module) -> bool:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only (frozen ones hold no state); no decay on 1-D params (norms, biases)."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # deduplicated: a tied weight is one parameter
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("every parameter is frozen: nothing to train")
+    """AdamW over trainable parameters only (frozen ones hold no state); no decay on 1-D params (norms, biases).
+
+    Each group carries `lr_scale` (from `[optim] lr_scale`, by part name or parameter prefix): the loop sets a
+    group's lr to the schedule's value times it.
+    """
     o = config.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scales = []
+    for part, scale in o.lr_scale.items():
+        include, exclude = PARTS.get(part, ((part,), ()))
+        scales.append((include, exclude, float(scale)))
+    groups: dict[tuple[float, bool], list] = {}
+    matched = {part: False for part in o.lr_scale}
+    for name, p in model.named_parameters():  # deduplicated: a tied weight is one parameter
+        if not p.requires_grad:
+            continue
+        scale = 1.0
+        for (include, exclude, s), part in zip(scales, o.lr_scale, strict=True):
+            if name.startswith(include) and not any(x in name for x in exclude):
+                scale, matched[part] = s, True
+                break
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    if not groups:
+        raise ValueError("every parameter is frozen: nothing to train")
+    unmatched = [part for part, hit in matched.items() if not hit]
+    if unmatched:
+        raise ValueError(f"[optim] lr_scale: {unmatched} match no trainable parameter; parts: {sorted(PARTS)}")
+    param_groups = [
+        {"params": ps, "weight_decay": o.weight_decay if decay else 0.0, "lr_scale": scale}
+        for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
+    ]
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
 
 
 @dataclass
@@ -148,14 +181,19 @@ class MultiTaskLoss(nn.Module):
         precision: str = "fp32",
         decode_groups: int = 4,
         frozen_parts: Sequence[str] = (),
+        contrastive: float = 0.0,
     ):
         super().__init__()
         self.model = model
         # Wholly frozen parts stay in eval mode while training (no dropout / drop-path): fixed feature extractors.
         self.eval_paths = [path for part in frozen_parts for path in PART_MODULES.get(part, [])]
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        # lambda_t of each task, then of the contrastive loss; `set_weights` changes them at a phase boundary
+        self.register_buffer("weights", torch.tensor([*weights, contrastive], dtype=torch.float32), persistent=False)
         self.precision = precision
         self.decode_groups = decode_groups
+
+    def set_weights(self, weights: Sequence[float], contrastive: float = 0.0) -> None:
+        self.weights.copy_(torch.tensor([*weights, contrastive], dtype=torch.float32))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -169,7 +207,21 @@ class MultiTaskLoss(nn.Module):
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, pixel_values, image_index, input_ids, attention_mask, decoder_input_ids, labels, task_index):
+    def forward(
+        self,
+        pixel_values,
+        image_index,
+        input_ids,
+        attention_mask,
+        decoder_input_ids,
+        labels,
+        task_index,
+        text_ids=None,
+        text_mask=None,
+        text_group=None,
+    ):
+        """-> (loss, loss_sum (K+1,), tokens (K+1,)): K tasks, then the contrastive loss (its "tokens" = 1 when
+        the batch had image-text pairs, else 0, so `combine` leaves it out)."""
         model = self.model
         valid = labels != IGNORE_INDEX  # (R, T)
         lengths = valid.sum(1)  # (R,)
@@ -179,8 +231,8 @@ class MultiTaskLoss(nn.Module):
             head = model.head_weight()  # before any token is embedded: see FlorenceModel.head_weight
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
-                features = model.encode_image(pixel_values)  # (B, N, d)
-            features = features.index_select(0, image_index)  # (R, N, d)
+                image_features = model.encode_image(pixel_values)  # (B, N, d)
+            features = image_features.index_select(0, image_index)  # (R, N, d)
             hidden, mask = model.encode(features, input_ids, attention_mask)  # (R, N+Tp, d)
             states, targets, token_task = [], [], []
             for rows in order.split(groups):
@@ -192,11 +244,20 @@ class MultiTaskLoss(nn.Module):
                 token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
             # (n_tokens, V) float32; a view, no copy
             logits = model.logits(torch.cat(states).unsqueeze(1), head).squeeze(1)
+            contrastive = None
+            if text_ids is not None and bool((text_group >= 0).any()):
+                keep = text_group >= 0
+                images = model.embed_image(image_features[keep])
+                texts = model.embed_text(text_ids[keep], text_mask[keep])
+                contrastive = unicl_loss(images.float(), texts.float(), model.contrastive.scale(), text_group[keep])
         targets, token_task = torch.cat(targets), torch.cat(token_task)
         ce = token_cross_entropy(logits.float(), targets, overwrite_logits=True)  # only this loss reads them
-        K = self.weights.numel()
+        K = self.weights.numel()  # tasks + 1: the contrastive loss is the last entry
         loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)
         tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(0, token_task, torch.ones_like(ce))
+        if contrastive is not None:
+            loss_sum = torch.cat([loss_sum[:-1], contrastive.reshape(1)])
+            tokens[-1] = 1.0
         return combine(loss_sum, tokens, self.weights), loss_sum.detach(), tokens
 
 
@@ -227,6 +288,9 @@ def _call(module: nn.Module, batch: Batch):
         batch.decoder_input_ids,
         batch.labels,
         batch.task_index,
+        batch.text_ids,
+        batch.text_mask,
+        batch.text_group,
     )
 
 
@@ -235,7 +299,7 @@ def param_checksum(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -274,6 +338,10 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
     overrides = {"text": dict(m.text), "vision": dict(m.vision)}
     if m.image_size is not None:
         overrides["image_size"] = tuple(m.image_size)
+    if m.contrastive_dim is not None:
+        overrides["contrastive_dim"] = m.contrastive_dim
+    if m.contrastive_template is not None:
+        overrides["contrastive_template"] = m.contrastive_template
     if m.checkpoint is not None:
         import fiore
 
@@ -282,7 +350,11 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
         model_config = florence.config.replace(**overrides)
         torch.manual_seed(config.train.seed)
         model = FlorenceModel(model_config)
-        model.load_state_dict(florence.model.state_dict(), strict=True)
+        state = florence.model.state_dict()
+        if model.contrastive is not None and florence.model.contrastive is None:
+            # image-text heads asked of a checkpoint without them (an official one): they start fresh
+            state.update({f"contrastive.{k}": v for k, v in model.contrastive.state_dict().items()})
+        model.load_state_dict(state, strict=True)
         del florence
     else:
         from fiore.config import preset
@@ -386,16 +458,35 @@ class Evaluator:
 
     @torch.no_grad()
     def loss(self, loss_module: MultiTaskLoss, device) -> dict:
+        """Held-out loss per task, and the same with every image swapped for the next one of its batch: the gap
+        (`image_reliance`, nats per token) is what the image is worth to the model; ~0 means it answers blind."""
         was_training = loss_module.training
         loss_module.eval()
+        real = self._sums(loss_module, device, shuffle=False)
+        swapped = self._sums(loss_module, device, shuffle=True)
+        loss_module.train(was_training)
+        names = [*self.names, "contrastive"]
+        weights = loss_module.weights
+        val, val_swapped = (float(combine(s, t, weights)) for s, t in (real, swapped))
+        per_task = {n: float(s / t) for n, s, t in zip(names, *real, strict=True) if t > 0}
+        reliance = {n: float(s / t) - per_task[n] for n, s, t in zip(names, *swapped, strict=True) if t > 0}
+        return {
+            "val_loss": val,
+            "val_task_loss": per_task,
+            "val_loss_swapped_images": val_swapped,
+            "image_reliance": val_swapped - val,
+            "task_image_reliance": {n: round(r, 4) for n, r in reliance.items()},
+        }
+
+    def _sums(self, loss_module: MultiTaskLoss, device, shuffle: bool):
         total_sum = total_tok = 0
         for b in self.batches:
-            _, s, t = _call(loss_module, b.to(device))
+            b = b.to(device)
+            if shuffle:  # image i's rows (and text) now see image i-1: a derangement for batches of 2+ images
+                b = dataclasses.replace(b, pixel_values=b.pixel_values.roll(1, 0))
+            _, s, t = _call(loss_module, b)
             total_sum, total_tok = total_sum + s, total_tok + t
-        loss_module.train(was_training)
-        per_task = {n: float(s / t) for n, s, t in zip(self.names, total_sum, total_tok, strict=True) if t > 0}
-        weights = loss_module.weights
-        return {"val_loss": float(combine(total_sum, total_tok, weights)), "val_task_loss": per_task}
+        return total_sum, total_tok
 
     def report(self, loss_module: MultiTaskLoss, model_config, tokenizer):
         """The eval runner's Report on `eval_samples` held-out synthetic samples; generation is capped at
@@ -415,6 +506,41 @@ class Evaluator:
             )
         finally:
             loss_module.train(was_training)
+
+
+class ImageRelianceGuard:
+    """Warns when the held-out loss barely changes with the images swapped, past warmup: a model answering from
+    the text prior alone (the failure the first default model had, unseen in its loss curve)."""
+
+    def __init__(self, after_step: int, threshold: float = 0.02):
+        self.after_step = after_step
+        self.threshold = threshold  # nats per token
+        self.last: float | None = None
+        self.warnings = 0
+
+    def check(self, record: dict) -> None:
+        """Reads `image_reliance` from a held-out loss record; adds `blind_warning` to it when it fires."""
+        reliance = record.get("image_reliance")
+        if reliance is None:
+            return
+        self.last = reliance
+        if record["step"] > self.after_step and reliance < self.threshold:
+            self.warnings += 1
+            record["blind_warning"] = True
+            message = (
+                f"step {record['step']}: image reliance {reliance:.4f} nats/token (held-out loss with images "
+                f"swapped minus the real one) is below {self.threshold}: the model is not using the image"
+            )
+            warnings.warn(message, stacklevel=2)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def summary(self) -> str:
+        return "" if self.last is None else f" img {self.last:+.3f}"
+
+
+def phase_at(ends: list[int], step: int) -> int:
+    """Index of the phase that optimizer step `step` (0-based) belongs to."""
+    return next((i for i, end in enumerate(ends) if step < end), len(ends) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -489,41 +615,75 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     from fiore.processor import Processor
 
     processor = Processor(tokenizer, model_config.image_size)
-    mixture = Mixture(
-        config.tasks,
-        tokenizer,
-        tasks_per_image=t.tasks_per_image,
-        max_target_tokens=t.max_target_tokens,
-        max_prompt_tokens=t.max_prompt_tokens,
-        decoder_start_id=model_config.text.decoder_start_token_id,
-    )
+    plan, ends = config.plan(), config.phase_ends()
+    names = list(dict.fromkeys(n for phase in plan for n in phase.tasks))  # every task of any phase, in order
+
+    def mixture_of(weights: dict[str, float]) -> Mixture:
+        return Mixture(
+            {n: weights.get(n, 0.0) for n in names},
+            tokenizer,
+            tasks_per_image=t.tasks_per_image,
+            max_target_tokens=t.max_target_tokens,
+            max_prompt_tokens=t.max_prompt_tokens,
+            decoder_start_id=model_config.text.decoder_start_token_id,
+        )
+
+    mixtures = [mixture_of(phase.tasks) for phase in plan]
+    contrastive = any(phase.contrastive > 0 for phase in plan)
+    texts = None
+    if contrastive:
+        if model.contrastive is None:
+            raise ValueError("the contrastive loss needs image-text heads: set [model] contrastive_dim (e.g. 256)")
+        texts = ContrastiveTexts(
+            config.contrastive.texts, model_config.contrastive_template, tokenizer, t.max_prompt_tokens
+        )
+    phase_data = [
+        PhaseData(end * o.grad_accum, mix, phase.contrastive > 0)
+        for end, mix, phase in zip(ends, mixtures, plan, strict=True)
+    ]
     dataset = MixtureDataset(
-        mixture, make_sample, processor.pixel_values, config.data.seed, micro_images, world.rank, world.world_size
-    )
-    loss_module = MultiTaskLoss(model, mixture.weights, t.precision, t.decode_groups, t.freeze).to(world.device)
+        phase_data, make_sample, processor.pixel_values, config.data.seed, micro_images, world.rank,
+        world.world_size, texts,
+    )  # fmt: skip
+    phase = phase_at(ends, start)
+    loss_module = MultiTaskLoss(
+        model, mixtures[phase].weights, t.precision, t.decode_groups, t.freeze, plan[phase].contrastive
+    ).to(world.device)
     step_module = loss_module
     if world.distributed:
         step_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[world.device.index] if world.device.type == "cuda" else None
+            loss_module,
+            device_ids=[world.device.index] if world.device.type == "cuda" else None,
+            # heads that some phases leave out get no gradient there
+            find_unused_parameters=model.contrastive is not None,
         )
     evaluator = None
     if world.is_main and (t.eval_every >= 0 or t.val_every > 0):
-        eval_set = MixtureDataset(mixture, make_sample, processor.pixel_values, config.data.eval_seed, micro_images)
-        evaluator = Evaluator(config, eval_set, mixture.names)
+        # Held-out batches draw from every task of every phase (and the image-text pairs, if any phase uses them).
+        union = mixture_of({n: max(phase.tasks.get(n, 0.0) for phase in plan) for n in names})
+        eval_set = MixtureDataset(
+            union, make_sample, processor.pixel_values, config.data.eval_seed, micro_images, texts=texts
+        )
+        evaluator = Evaluator(config, eval_set, names)
+    guard = ImageRelianceGuard(after_step=o.warmup_steps)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger = Logger(out_dir / "metrics.jsonl", o.steps, start, world.is_main, t.progress)
     batches = loader(dataset, start * o.grad_accum, config.data.num_workers)
     loss_module.train()
-    names = mixture.names
+    columns = [*names, "contrastive"]  # the loss module's entries: tasks, then the contrastive loss
     window = {"t0": time.perf_counter(), "images": 0, "rows": 0, "sum": 0.0, "tok": 0.0}
     try:
         for step in range(start, o.steps):
+            if phase_at(ends, step) != phase:
+                phase = phase_at(ends, step)
+                loss_module.set_weights(mixtures[phase].weights, plan[phase].contrastive)
+                logger.write({"step": step, "phase": plan[phase].name}, echo=True)
             lr = schedule(step)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros(len(names))
-            tokens = torch.zeros(len(names))
+                group["lr"] = lr * group["lr_scale"]
+            loss_sum = torch.zeros(len(columns))
+            tokens = torch.zeros(len(columns))
             rows = 0
             for micro in range(o.grad_accum):
                 batch = next(batches).to(world.device)
@@ -540,17 +700,20 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             done = step + 1
 
             stats = ddp.all_reduce_sum(world, torch.cat([loss_sum, tokens, torch.tensor([float(rows)])]))
-            window["sum"] = window["sum"] + stats[: len(names)]
-            window["tok"] = window["tok"] + stats[len(names) : 2 * len(names)]
+            K = len(columns)
+            window["sum"] = window["sum"] + stats[:K]
+            window["tok"] = window["tok"] + stats[K : 2 * K]
             window["images"] += o.batch_size
             window["rows"] += int(stats[-1])
-            train_loss = float(combine(stats[: len(names)], stats[len(names) : 2 * len(names)], loss_module.weights))
-            logger.step(done, f"loss {train_loss:.3f} lr {lr:.2e}")
+            train_loss = float(combine(stats[:K], stats[K : 2 * K], loss_module.weights))
+            logger.step(done, f"loss {train_loss:.3f} lr {lr:.2e} {plan[phase].name}{guard.summary()}")
 
             if done % t.log_every == 0 or done == o.steps:
                 dt = time.perf_counter() - window["t0"]
                 per_task = {
-                    n: round(float(s / k), 4) for n, s, k in zip(names, window["sum"], window["tok"], strict=True) if k
+                    n: round(float(s / k), 4)
+                    for n, s, k in zip(columns, window["sum"], window["tok"], strict=True)
+                    if k
                 }
                 logger.write(
                     {
@@ -569,10 +732,12 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
 
             if evaluator is not None and done != o.steps:
                 if t.eval_every > 0 and done % t.eval_every == 0:
-                    _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, done, full=False)
+                    _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, done, guard, full=False)
                 elif t.val_every > 0 and done % t.val_every == 0:
                     with torch.random.fork_rng(devices=[]):
-                        logger.write({"step": done, **evaluator.loss(loss_module, world.device)}, echo=True)
+                        record = {"step": done, **evaluator.loss(loss_module, world.device)}
+                    guard.check(record)
+                    logger.write(record, echo=True)
 
             if done % t.checkpoint_every == 0 or done == o.steps:
                 _checkpoint(ckpt_root, done, model, model_config, tokenizer, optimizer, world, t.keep_checkpoints)
@@ -590,20 +755,23 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         ddp.barrier(world)  # the other ranks are done; rank 0 evaluates alone
         if evaluator is not None:
             if t.eval_every >= 0:
-                _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, o.steps, full=True)
+                _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, o.steps, guard, full=True)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    logger.write({"step": o.steps, **evaluator.loss(loss_module, world.device)}, echo=True)
+                    record = {"step": o.steps, **evaluator.loss(loss_module, world.device)}
+                guard.check(record)
+                logger.write(record, echo=True)
         return final
     finally:
         logger.close()
         ddp.cleanup(world)
 
 
-def _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, step, full: bool) -> None:
+def _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, step, guard, full: bool) -> None:
     with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG streams
         record = {"step": step, **evaluator.loss(loss_module, world.device)}
         report = evaluator.report(loss_module, model_config, tokenizer)
+    guard.check(record)
     record["eval"] = {k: (None if v != v else round(v, 4)) for k, v in report.headline().items()}  # NaN -> null
     logger.write(record, echo=True)
     if full:

@@ -50,9 +50,13 @@ class Batch:
     decoder_input_ids: torch.Tensor  # (R, Td) long, right-padded with pad id
     labels: torch.Tensor  # (R, Td) long, IGNORE_INDEX on padding
     task_index: torch.Tensor  # (R,) long
+    # Image-text pairs for the contrastive loss (phases that train it): one text per image.
+    text_ids: torch.Tensor | None = None  # (B, Tt) long, `<s> text </s>` right-padded
+    text_mask: torch.Tensor | None = None  # (B, Tt) bool
+    text_group: torch.Tensor | None = None  # (B,) long: equal ids = the same text (UniCL's label-aware targets)
 
     def to(self, device) -> Batch:
-        return Batch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=True) for k, v in vars(self).items()})
 
     @property
     def num_rows(self) -> int:
@@ -64,7 +68,7 @@ class Mixture:
 
     `tasks`: name -> weight lambda_t. `tokenizer` needs `.encode`, `.bos_id`, `.eos_id`, `.pad_id`;
     `task_lookup(name)` returns a Task with `.examples(sample)`, `.prompt(text, region, image_size)`,
-    `.serialize(result, image_size)` (fiore.tasks contract).
+    `.target(example, image_size)` (fiore.tasks contract).
     """
 
     def __init__(
@@ -97,6 +101,8 @@ class Mixture:
         """Up to K rows for one sample: K distinct tasks drawn by weight among those with examples for it."""
         candidates = []  # (key, task position, examples); Efraimidis-Spirakis keys u^(1/w) = weighted draw w/o repl.
         for i, (task, w) in enumerate(zip(self.tasks, self.weights, strict=True)):
+            if w <= 0:  # off in this phase
+                continue
             examples = task.examples(sample)
             if examples:
                 candidates.append((math.log(1.0 - rng.random()) / w, i, examples))
@@ -112,7 +118,7 @@ class Mixture:
         tok = self.tokenizer
         prompt = task.prompt(text=example.text, region=example.region, image_size=image_size)
         prompt_ids = tok.encode(prompt)[: self.max_prompt_tokens]
-        target_ids = tok.encode(task.serialize(example.target, image_size))
+        target_ids = tok.encode(task.target(example, image_size))
         labels = [tok.bos_id, *target_ids, tok.eos_id][: self.max_target_tokens]
         return Row(task=task_pos, input_ids=[tok.bos_id, *prompt_ids, tok.eos_id], labels=labels)
 
@@ -122,7 +128,7 @@ class Mixture:
         for task in self.tasks:
             for ex in task.examples(sample):
                 out.append(task.prompt(text=ex.text, region=ex.region, image_size=sample.size))
-                out.append(task.serialize(ex.target, sample.size))
+                out.append(task.target(ex, sample.size))
         return out
 
 
@@ -235,24 +241,74 @@ def combine(loss_sum: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor)
     return (w * per_task).sum() / w.sum().clamp_min(1e-12)
 
 
+class ContrastiveTexts:
+    """The text paired with each image for the contrastive loss: one of `sources` that the sample has, drawn
+    uniformly ("label" = the class name put in `template`; a caption key = that caption)."""
+
+    def __init__(self, sources: Sequence[str], template: str, tokenizer, max_tokens: int = 64):
+        self.sources = list(sources)
+        self.template = template
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def pick(self, sample, rng: random.Random) -> str | None:
+        options = []
+        for source in self.sources:
+            if source == "label":
+                if sample.label:
+                    options.append(self.template.format(sample.label))
+            elif sample.captions.get(source):
+                options.append(sample.captions[source])
+        return rng.choice(options) if options else None
+
+    def batch(self, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (ids (B, T), mask (B, T), group (B,)); a sample without a text gets group -1 (left out of the loss)."""
+        tok = self.tokenizer
+        rows = [[tok.bos_id, *tok.encode(t)[: self.max_tokens - 2], tok.eos_id] if t else [tok.bos_id] for t in texts]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = True
+        first: dict[str, int] = {}
+        group = torch.tensor([-1 if t is None else first.setdefault(t, i) for i, t in enumerate(texts)])
+        return ids, mask, group
+
+
+@dataclass
+class PhaseData:
+    """What the micro-batches of one training phase hold: rows of `mixture` and, if `contrastive`, a text per image."""
+
+    end: int  # first micro-batch index past the phase (its end step x grad_accum); the last phase runs on
+    mixture: Mixture
+    contrastive: bool = False
+
+
 class MixtureDataset(torch.utils.data.Dataset):
     """Item k = micro-batch k of one process, built deterministically from sample indices.
 
     Global micro-batch m of process `rank` holds samples (m * world_size + rank) * B + j, j < B. With
-    m = step * grad_accum + a, the data position of a run is its step: resuming there replays the same batches.
+    m = step * grad_accum + a, the data position of a run is its step: resuming there replays the same batches,
+    and the phase of micro-batch m (`phases`) is a function of m too, so a resume across a phase boundary does too.
     """
 
     def __init__(
         self,
-        mixture: Mixture,
+        mixture: Mixture | list[PhaseData],
         make_sample: Callable,
         pixel_values: Callable,
         seed: int,
         images_per_batch: int,
         rank: int = 0,
         world_size: int = 1,
+        texts: ContrastiveTexts | None = None,
     ):
-        self.mixture = mixture
+        self.phases = mixture if isinstance(mixture, list) else [PhaseData(0, mixture, texts is not None)]
+        if any(p.contrastive for p in self.phases) and texts is None:
+            raise ValueError("a phase trains the contrastive loss but no ContrastiveTexts were given")
+        self.mixture = self.phases[0].mixture
+        self.texts = texts
         self.make_sample = make_sample  # (seed, index) -> Sample
         self.pixel_values = pixel_values  # list[PIL] -> (B,3,H,W)
         self.seed = seed
@@ -267,15 +323,27 @@ class MixtureDataset(torch.utils.data.Dataset):
         start = (k * self.world_size + self.rank) * self.B
         return list(range(start, start + self.B))
 
+    def phase(self, k: int) -> PhaseData:
+        return next((p for p in self.phases if k < p.end), self.phases[-1])
+
     def __getitem__(self, k: int) -> Batch:
-        samples = [self.make_sample(self.seed, i) for i in self.indices(k)]
+        phase = self.phase(k)
+        indices = self.indices(k)
+        samples = [self.make_sample(self.seed, i) for i in indices]
         rows = [
-            self.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}"))
-            for s, i in zip(samples, self.indices(k), strict=True)
+            phase.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}"))
+            for s, i in zip(samples, indices, strict=True)
         ]
         pixels = self.pixel_values([s.load_image() for s in samples])
-        tok = self.mixture.tokenizer
-        return collate(pixels, rows, tok.pad_id, self.mixture.decoder_start_id)
+        tok = phase.mixture.tokenizer
+        batch = collate(pixels, rows, tok.pad_id, phase.mixture.decoder_start_id)
+        if phase.contrastive:
+            texts = [
+                self.texts.pick(s, random.Random(f"fiore-text:{self.seed}:{i}"))
+                for s, i in zip(samples, indices, strict=True)
+            ]
+            batch.text_ids, batch.text_mask, batch.text_group = self.texts.batch(texts)
+        return batch
 
 
 def loader(dataset: MixtureDataset, start: int, num_workers: int = 0):
