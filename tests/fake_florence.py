@@ -113,7 +113,7 @@ def running_server(app):
         sock.close()
 
 
-def save_tiny_model(path, seed: int = 0):
+def save_tiny_model(path, seed: int = 0, contrastive_dim: int = 0):
     """A random-weight `fiore.preset("tiny")` model with a small trained tokenizer, saved to `path` for `fiore.load`.
 
     Weights are drawn wider than the training init so logits are crisp: greedy decoding then has no near-ties,
@@ -132,7 +132,9 @@ def save_tiny_model(path, seed: int = 0):
     g = np.random.default_rng(seed)
     tok = Tokenizer.train([" ".join(g.choice(words, size=8)) for _ in range(300)], vocab_size=300)
     # 64x64 input: the tiny architecture at a sixteenth of its vision cost (the suite shares 2 CPU cores)
-    config = preset("tiny").replace(text={"vocab_size": tok.vocab_size}, image_size=(64, 64))
+    config = preset("tiny").replace(
+        text={"vocab_size": tok.vocab_size}, image_size=(64, 64), contrastive_dim=contrastive_dim
+    )
     torch.manual_seed(seed)
     model = FlorenceModel(config).eval()
     with torch.no_grad():

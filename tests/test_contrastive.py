@@ -97,3 +97,24 @@ def test_heads_are_saved_in_their_own_file_and_reloaded(tmp_path):
 
     with pytest.raises(CheckpointError, match="contrastive.text_projection.weight"):
         load_model(tmp_path)
+
+
+def test_a_checkpoint_with_heads_loads_in_transformers_unchanged(tmp_path):
+    """The heads live in their own file, so transformers' loader reads model.safetensors alone: no missing or
+    unexpected keys, and the same logits as fiore's model."""
+    import transformers
+
+    model = _model().eval()
+    save_checkpoint(model, model.config, tmp_path)
+    hf, info = transformers.Florence2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf.eval()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 64, 64, generator=g)
+    prompt = torch.randint(4, 1100, (1, 6), generator=g)
+    dec = torch.randint(4, 1100, (1, 4), generator=g)
+    with torch.no_grad():
+        ours = model(pixels, prompt, dec)
+        feats = hf.model.get_image_features(pixels).pooler_output
+        out = hf(inputs_embeds=torch.cat([feats, hf.get_input_embeddings()(prompt)], dim=1), decoder_input_ids=dec)
+    assert (out.logits - ours).abs().max() < 1e-4

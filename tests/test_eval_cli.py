@@ -92,3 +92,39 @@ def test_fiore_eval_rejects_bad_arguments(dataset, tmp_path):
     assert bad_task.exit_code != 0 and "nope" in bad_task.output
     bad_data = runner.invoke(fiore.cli.app, ["eval", "--data", str(tmp_path), "--tasks", "od"])
     assert bad_data.exit_code != 0 and "fiore.jsonl" in bad_data.output  # names the files it looked for
+
+
+def test_swapped_images_give_each_sample_the_next_ones_image(dataset, tmp_path, monkeypatch):
+    samples = read_dataset(dataset)
+    for s in samples:
+        s.load_image()  # the oracle recognises images by identity
+    monkeypatch.setattr(fiore.data.readers, "read_dataset", lambda d: samples)
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device: DiskOracle(samples))
+    out = tmp_path / "swapped.json"
+    args = ["eval", "--data", str(dataset), "--tasks", "classify,vqa", "--swap-images", "--out", str(out)]
+    result = CliRunner().invoke(fiore.cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["meta"]["swap_images"] is True
+    # the oracle answers for the image it sees: sample i is scored against its own label with sample i+1's answer
+    labels = [s.label for s in samples]
+    expected = sum(labels[i] == labels[(i + 1) % len(labels)] for i in range(len(labels))) / len(labels)
+    assert report["tasks"]["classify"]["metrics"]["top1"] == pytest.approx(expected)
+    assert report["tasks"]["vqa"]["metrics"]["accuracy"] < 1.0
+
+
+def test_zero_shot_evaluation_matches_the_embeddings(dataset, tmp_path):
+    from fake_florence import save_tiny_model
+
+    from fiore.eval.runner import evaluate_zero_shot
+
+    florence = fiore.load(save_tiny_model(tmp_path / "m", contrastive_dim=16))
+    samples = read_dataset(dataset)
+    report = evaluate_zero_shot(florence, samples)
+    labels = sorted({s.label for s in samples})
+    texts = florence.embed_texts([florence.config.contrastive_template.format(x) for x in labels])
+    images = florence.embed_images([s.load_image() for s in samples])
+    best = (images @ texts.t()).argmax(1).tolist()
+    expected = sum(labels[b] == s.label for b, s in zip(best, samples, strict=True)) / len(samples)
+    assert report.examples == len(samples) and report.metrics["top1"] == pytest.approx(expected)
+    assert report.metrics["candidates"] == len(labels)

@@ -70,7 +70,7 @@ def zero_shot(florence, image, labels: Sequence[str], template: str | None = Non
         raise ValueError(f"template must contain '{{}}' where the label goes, got {template!r}")
     image_embedding = embed_images(florence, [image])  # (1, D)
     text_embeddings = embed_texts(florence, [template.format(label) for label in labels])  # (K, D)
-    scale = float(florence.model.contrastive.scale())
+    scale = float(florence.model.contrastive.scale().detach())
     probs = torch.softmax(scale * (image_embedding @ text_embeddings.t())[0].double(), 0).tolist()
     ranking = sorted(zip(labels, probs, strict=True), key=lambda x: -x[1])
     return Label(ranking[0][0], task="zero_shot", score=ranking[0][1], ranking=ranking)
