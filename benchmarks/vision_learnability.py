@@ -54,6 +54,14 @@ class BackgroundProbe(nn.Module):
                 if isinstance(m, nn.Conv2d):
                     m.weight.data.normal_(0.0, 0.02)
                     m.bias.data.zero_()
+        elif init == "zero-bias":  # experiment: convolution biases at zero (less image-independent offset)
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.bias.data.zero_()
+        elif init == "fc1":  # experiment: the MLPs' first layers at unit gain, so GELU starts nonlinear
+            for name, m in model.vision_tower.named_modules():
+                if name.endswith("ffn.fc1"):
+                    m.weight.data.normal_(0.0, m.in_features**-0.5)
         self.tower, self.projector = model.vision_tower, model.projector
         self.head = nn.Linear(model.config.vision.projection_dim, len(KINDS))
 
@@ -100,7 +108,7 @@ def run(
             with torch.no_grad():
                 accuracy = float((net(x_test).argmax(1) == y_test).float().mean())
             net.train()
-            record = {"step": step + 1, "loss": round(float(loss), 4), "tower_grad_norm": round(tower_norm, 4)}
+            record = {"step": step + 1, "loss": round(loss.item(), 4), "tower_grad_norm": round(tower_norm, 4)}
             records.append({**record, "accuracy": round(accuracy, 4), "seconds": round(time.time() - t0, 1)})
             if echo:
                 print(records[-1], flush=True)
@@ -109,7 +117,7 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", choices=["fiore", "bart"], default="fiore")
+    ap.add_argument("--init", choices=["fiore", "bart", "fc1", "zero-bias"], default="fiore")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)

@@ -1,8 +1,11 @@
 """Build the shipped default model from a finished `fiore train configs/default_model.toml` run.
 
     python scripts/default_model.py package runs/default_model     # final weights (fp16) -> src/fiore/default_model
-    python scripts/default_model.py curve runs/default_model       # metrics.jsonl -> training_curve.png
+    python scripts/default_model.py curve runs/default_model       # metrics.jsonl -> training_curve.png (loss,
+                                                                   # held-out metrics, image reliance)
     python scripts/default_model.py tables REPORT.json [...]       # eval report(s) -> Markdown rows for the card
+    python scripts/default_model.py variance [MODEL_DIR]           # how much image tokens differ between images,
+                                                                   # entering and leaving the text encoder
 
 Weights are stored in fp16 to stay well under the package-size budget; `fiore.load()` casts them to float32, and the
 card's numbers are measured on exactly these stored weights.
@@ -50,7 +53,12 @@ def curve(run_dir: str, out: str | None = None) -> None:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+    reliance = [r for r in records if "image_reliance" in r]
+    phases = [r for r in records if "phase" in r]
+    fig, (ax_loss, ax_eval, ax_img) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for ax in (ax_loss, ax_eval, ax_img):
+        for p in phases:  # phase boundaries
+            ax.axvline(p["step"], color="grey", ls=":", lw=1)
     ax_loss.plot(*zip(*train, strict=True), label="train loss (weighted task mixture)", lw=1)
     if val:
         ax_loss.plot(*zip(*val, strict=True), "o-", label="held-out loss (seed 1000)", ms=3)
@@ -64,6 +72,16 @@ def curve(run_dir: str, out: str | None = None) -> None:
                 ax_eval.plot(*zip(*pts, strict=True), "o-", label=k, ms=3)
         ax_eval.set(xlabel="step", ylabel="metric", title="held-out metrics (16 images, seed 1000)")
         ax_eval.legend(fontsize=7)
+    if reliance:
+        steps = [r["step"] for r in reliance]
+        ax_img.plot(steps, [r["image_reliance"] for r in reliance], "o-", color="black", label="all tasks", ms=3)
+        for task in ("classify", "vqa", "caption", "od", "contrastive"):
+            pts = [(r["step"], r["task_image_reliance"][task]) for r in reliance if task in r["task_image_reliance"]]
+            if pts:
+                ax_img.plot(*zip(*pts, strict=True), ".-", label=task, lw=1)
+        ax_img.axhline(0.0, color="grey", lw=0.5)
+        ax_img.set(xlabel="step", ylabel="nats / token", title="image reliance: held-out loss, images swapped - real")
+        ax_img.legend(fontsize=7)
     fig.tight_layout()
     path = Path(out) if out else PACKAGE_DIR / "training_curve.png"
     fig.savefig(path, dpi=90)
@@ -88,6 +106,30 @@ def tables(*reports: str) -> None:
             print(f"| {name} | {t['examples']} | {t['errors']} | {t.get('truncated', 0)} | {metrics} |")
 
 
+def _between_image_share(x: torch.Tensor) -> float:
+    """x (B, N, d) image tokens: the between-group share of their variance, groups = images (the variance of each
+    image's mean token over the variance of all tokens). 0: every image gives the same tokens on average."""
+    overall = (x - x.mean((0, 1), keepdim=True)).pow(2).sum(-1).mean()
+    between = (x.mean(1) - x.mean((0, 1))).pow(2).sum(-1).mean()
+    return float(between / overall)
+
+
+@torch.no_grad()
+def variance(model_dir: str | None = None, n: int = 64) -> None:
+    from fiore.data.synthetic import make_sample
+
+    florence = fiore.load(model_dir)
+    model = florence.model
+    pixels = florence.processor.pixel_values([make_sample(3000, i).image for i in range(n)])
+    features = model.encode_image(pixels)
+    ids, mask = florence.processor.prompt_ids([fiore.tasks.get("classify").prompt()] * n)
+    hidden, _ = model.encode(features, ids, mask)
+    N = features.shape[1]
+    print(f"between-image share of the image tokens' variance ({n} images of seed 3000, <CLASSIFY> prompt):")
+    print(f"  entering the text encoder: {_between_image_share(features):.3f}")
+    print(f"  leaving it:                {_between_image_share(hidden[:, :N]):.3f}")
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"package": package, "curve": curve, "tables": tables}[command](*args)
+    {"package": package, "curve": curve, "tables": tables, "variance": variance}[command](*args)

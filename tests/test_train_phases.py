@@ -126,3 +126,26 @@ def test_guard_stays_quiet_before_warmup_and_for_a_model_that_sees():
         guard.check(record)
         assert "blind_warning" not in record
     assert guard.warnings == 0 and guard.summary() == " img +0.800"
+
+
+def test_a_phase_can_keep_task_gradients_out_of_the_vision_tower():
+    from test_train import _loss_inputs, _smoke_model
+
+    from fiore.train.loop import MultiTaskLoss
+
+    def tower_grad(vision_from_tasks, with_texts):
+        model = _smoke_model()
+        if with_texts:
+            model.contrastive = __import__("fiore").model.contrastive.ContrastiveHeads(64, 8)
+        loss = MultiTaskLoss(model, [1.0, 1.0], contrastive=1.0 if with_texts else 0.0)
+        loss.vision_from_tasks = vision_from_tasks
+        x = list(_loss_inputs(500))
+        if with_texts:
+            x += [torch.tensor([[0, 5, 2], [0, 6, 2]]), torch.ones(2, 3, dtype=torch.bool), torch.tensor([0, 1])]
+        loss(*x)[0].backward()
+        grads = [p.grad for p in model.vision_tower.parameters()]
+        return sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
+
+    assert tower_grad(True, False) > 0
+    assert tower_grad(False, False) == 0.0  # the task losses alone: nothing reaches the tower
+    assert tower_grad(False, True) > 0  # the contrastive loss still trains it

@@ -69,6 +69,11 @@ class Phase:
     end: float
     tasks: dict[str, float] = field(default_factory=dict)
     contrastive: float = 0.0
+    # False: the task losses see the image tokens detached, so only the contrastive loss trains the vision tower
+    # and projector in this phase (a tower trained from scratch otherwise collapses to image-independent output
+    # while the text model learns the text prior: docs/training.md, "Image reliance").
+    vision_from_tasks: bool = True
+    texts: list[str] | None = None  # the contrastive texts of this phase (default: [contrastive] texts)
 
 
 @dataclass
@@ -125,8 +130,18 @@ class TrainConfig:
         """The phases with every field filled in: [[phases]] as given (tasks defaulting to [tasks]), or one phase
         of [tasks] and [contrastive] weight over the whole run."""
         if not self.phases:
-            return [Phase("train", 1.0, dict(self.tasks), self.contrastive.weight)]
-        return [Phase(p.name, p.end, dict(p.tasks or self.tasks), p.contrastive) for p in self.phases]
+            return [Phase("train", 1.0, dict(self.tasks), self.contrastive.weight, texts=list(self.contrastive.texts))]
+        return [
+            Phase(
+                p.name,
+                p.end,
+                dict(p.tasks or self.tasks),
+                p.contrastive,
+                p.vision_from_tasks,
+                list(p.texts or self.contrastive.texts),
+            )
+            for p in self.phases
+        ]
 
     def phase_ends(self) -> list[int]:
         """The optimizer step at which each phase ends (the last one at optim.steps)."""
@@ -177,7 +192,7 @@ class TrainConfig:
         if self.contrastive.weight < 0:
             raise ConfigError(f"[contrastive] weight must be >= 0, got {self.contrastive.weight}")
         sources = ("label", "caption", "detailed_caption", "more_detailed_caption")
-        for text in self.contrastive.texts:
+        for text in [*self.contrastive.texts, *(t for p in self.phases for t in p.texts or [])]:
             if text not in sources:
                 raise ConfigError(f"[contrastive] texts: unknown source {text!r}; choose from {list(sources)}")
         ends = [p.end for p in self.phases]
@@ -188,6 +203,8 @@ class TrainConfig:
                 raise ConfigError(f"phase {p.name!r}: weights must be >= 0")
             if not any(w > 0 for w in (p.tasks or self.tasks).values()):
                 raise ConfigError(f"phase {p.name!r} needs at least one task with a weight > 0")
+            if not isinstance(p.vision_from_tasks, bool):
+                raise ConfigError(f"phase {p.name!r}: vision_from_tasks must be true/false")
         for name, w in self.tasks.items():
             if not w > 0:
                 raise ConfigError(f"[tasks] weight of {name!r} must be > 0, got {w}")

@@ -191,6 +191,9 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("weights", torch.tensor([*weights, contrastive], dtype=torch.float32), persistent=False)
         self.precision = precision
         self.decode_groups = decode_groups
+        # Set per phase by the loop: False = the task rows read the image tokens detached (no task gradient into
+        # the vision tower and projector); the contrastive loss, if any, still trains them.
+        self.vision_from_tasks = True
 
     def set_weights(self, weights: Sequence[float], contrastive: float = 0.0) -> None:
         self.weights.copy_(torch.tensor([*weights, contrastive], dtype=torch.float32))
@@ -232,7 +235,8 @@ class MultiTaskLoss(nn.Module):
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
                 image_features = model.encode_image(pixel_values)  # (B, N, d)
-            features = image_features.index_select(0, image_index)  # (R, N, d)
+            task_features = image_features if self.vision_from_tasks else image_features.detach()
+            features = task_features.index_select(0, image_index)  # (R, N, d)
             hidden, mask = model.encode(features, input_ids, attention_mask)  # (R, N+Tp, d)
             states, targets, token_task = [], [], []
             for rows in order.split(groups):
@@ -638,7 +642,14 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             config.contrastive.texts, model_config.contrastive_template, tokenizer, t.max_prompt_tokens
         )
     phase_data = [
-        PhaseData(end * o.grad_accum, mix, phase.contrastive > 0)
+        PhaseData(
+            end * o.grad_accum,
+            mix,
+            phase.contrastive > 0,
+            ContrastiveTexts(phase.texts, model_config.contrastive_template, tokenizer, t.max_prompt_tokens)
+            if phase.contrastive > 0
+            else None,
+        )
         for end, mix, phase in zip(ends, mixtures, plan, strict=True)
     ]
     dataset = MixtureDataset(
@@ -649,6 +660,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     loss_module = MultiTaskLoss(
         model, mixtures[phase].weights, t.precision, t.decode_groups, t.freeze, plan[phase].contrastive
     ).to(world.device)
+    loss_module.vision_from_tasks = plan[phase].vision_from_tasks
     step_module = loss_module
     if world.distributed:
         step_module = nn.parallel.DistributedDataParallel(
@@ -678,6 +690,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             if phase_at(ends, step) != phase:
                 phase = phase_at(ends, step)
                 loss_module.set_weights(mixtures[phase].weights, plan[phase].contrastive)
+                loss_module.vision_from_tasks = plan[phase].vision_from_tasks
                 logger.write({"step": step, "phase": plan[phase].name}, echo=True)
             lr = schedule(step)
             for group in optimizer.param_groups:

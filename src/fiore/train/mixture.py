@@ -283,6 +283,7 @@ class PhaseData:
     end: int  # first micro-batch index past the phase (its end step x grad_accum); the last phase runs on
     mixture: Mixture
     contrastive: bool = False
+    texts: ContrastiveTexts | None = None  # this phase's text sources (default: the dataset's)
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -338,11 +339,12 @@ class MixtureDataset(torch.utils.data.Dataset):
         tok = phase.mixture.tokenizer
         batch = collate(pixels, rows, tok.pad_id, phase.mixture.decoder_start_id)
         if phase.contrastive:
+            source = phase.texts or self.texts
             texts = [
-                self.texts.pick(s, random.Random(f"fiore-text:{self.seed}:{i}"))
+                source.pick(s, random.Random(f"fiore-text:{self.seed}:{i}"))
                 for s, i in zip(samples, indices, strict=True)
             ]
-            batch.text_ids, batch.text_mask, batch.text_group = self.texts.batch(texts)
+            batch.text_ids, batch.text_mask, batch.text_group = source.batch(texts)
         return batch
 
 
