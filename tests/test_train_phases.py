@@ -149,3 +149,22 @@ def test_a_phase_can_keep_task_gradients_out_of_the_vision_tower():
     assert tower_grad(True, False) > 0
     assert tower_grad(False, False) == 0.0  # the task losses alone: nothing reaches the tower
     assert tower_grad(False, True) > 0  # the contrastive loss still trains it
+
+
+def test_lr_scale_gives_a_part_its_own_learning_rate(tmp_path):
+    from test_train import _smoke_model
+
+    from fiore.train.loop import make_optimizer
+
+    model = _smoke_model()
+    config = phased(tmp_path, **{"optim.lr_scale": {"vision_tower": 0.5}})
+    opt = make_optimizer(model, config)
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    for group in opt.param_groups:
+        in_tower = {id(p) in tower for p in group["params"]}
+        assert in_tower == {group["lr_scale"] == 0.5}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="match no trainable parameter"):
+        make_optimizer(model, phased(tmp_path, **{"optim.lr_scale": {"model.nothing.": 2.0}}))
+    with pytest.raises(ConfigError, match="lr_scale"):
+        phased(tmp_path, **{"optim.lr_scale": {"vision_tower": 0}})

@@ -113,24 +113,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     group's lr to the schedule's value times it.
     """
     o = config.optim
-    scales = []
-    for part, scale in o.lr_scale.items():
-        include, exclude = PARTS.get(part, ((part,), ()))
-        scales.append((include, exclude, float(scale)))
+    scales = [(part, *PARTS.get(part, ((part,), ())), float(scale)) for part, scale in o.lr_scale.items()]
     groups: dict[tuple[float, bool], list] = {}
-    matched = {part: False for part in o.lr_scale}
+    matched = set()
     for name, p in model.named_parameters():  # deduplicated: a tied weight is one parameter
         if not p.requires_grad:
             continue
         scale = 1.0
-        for (include, exclude, s), part in zip(scales, o.lr_scale, strict=True):
+        for part, include, exclude, part_scale in scales:
             if name.startswith(include) and not any(x in name for x in exclude):
-                scale, matched[part] = s, True
+                scale = part_scale
+                matched.add(part)
                 break
         groups.setdefault((scale, p.ndim >= 2), []).append(p)
     if not groups:
         raise ValueError("every parameter is frozen: nothing to train")
-    unmatched = [part for part, hit in matched.items() if not hit]
+    unmatched = [part for part in o.lr_scale if part not in matched]
     if unmatched:
         raise ValueError(f"[optim] lr_scale: {unmatched} match no trainable parameter; parts: {sorted(PARTS)}")
     param_groups = [
