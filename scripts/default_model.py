@@ -6,6 +6,8 @@
     python scripts/default_model.py tables REPORT.json [...]       # eval report(s) -> Markdown rows for the card
     python scripts/default_model.py variance [MODEL_DIR]           # how much image tokens differ between images,
                                                                    # entering and leaving the text encoder
+    python scripts/default_model.py probe [MODEL_DIR]              # what the image tokens encode: linear probes
+                                                                   # vs. a fresh tower of the same config
 
 Weights are stored in fp16 to stay well under the package-size budget; `fiore.load()` casts them to float32, and the
 card's numbers are measured on exactly these stored weights.
@@ -130,6 +132,76 @@ def variance(model_dir: str | None = None, n: int = 64) -> None:
     print(f"  leaving it:                {_between_image_share(hidden[:, :N]):.3f}")
 
 
+def _probe_features(model, processor, samples) -> torch.Tensor:
+    """Image tokens entering the text encoder -> (n, 3d): the pooled token, the spatial tokens' mean and max (the
+    max keeps "is there a star somewhere", which a mean dilutes)."""
+    out = []
+    for i in range(0, len(samples), 32):
+        x = model.encode_image(processor.pixel_values([s.image for s in samples[i : i + 32]]))
+        out.append(torch.cat([x[:, 0], x[:, 1:].mean(1), x[:, 1:].amax(1)], -1))
+    return torch.cat(out).float()
+
+
+def _linear_probe(train_x, train_y, test_x, test_y, classes: int) -> float:
+    """Multinomial logistic regression (standardised features, L2, full-batch L-BFGS) -> held-out accuracy."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    head = torch.nn.Linear(train_x.shape[1], classes)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(train_x), train_y) + 1e-3 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float((head(test_x).argmax(1) == test_y).float().mean())
+
+
+@torch.no_grad()
+def probe(model_dir: str | None = None, n_train: int = 1000, n_test: int = 500) -> None:
+    """Does the tower encode what the tasks ask (background kind, object count, which shapes are present)? Linear
+    probes on the shipped model's image tokens and on a fresh tower of the same config (fiore's init, seed 0);
+    train images from seed 4000, held-out from seed 3000; each probe's majority-class rate beside it."""
+    from fiore.data import lexicon
+    from fiore.data.synthetic import make_sample
+    from fiore.model import FlorenceModel
+
+    florence = fiore.load(model_dir)
+    torch.manual_seed(0)
+    fresh = FlorenceModel(florence.config).eval()
+    train = [make_sample(4000, i) for i in range(n_train)]
+    test = [make_sample(3000, i) for i in range(n_test)]
+    kinds, shapes = list(lexicon.BACKGROUNDS), sorted({o.label for s in train + test for o in s.objects})
+    targets = {"background kind": (lambda s: kinds.index(s.label), len(kinds))}
+    most_objects = max(len(s.objects) for s in train + test)
+    targets["object count"] = (lambda s: len(s.objects), most_objects + 1)
+    for shape in shapes:
+        targets[f"has a {shape}"] = (lambda s, shape=shape: int(any(o.label == shape for o in s.objects)), 2)
+    feats = {
+        name: (_probe_features(m, florence.processor, train), _probe_features(m, florence.processor, test))
+        for name, m in (("trained", florence.model), ("fresh", fresh))
+    }
+    print(f"linear probes on the image tokens ({n_train} train images of seed 4000, {n_test} held-out of seed 3000)")
+    print("| target | majority | fresh tower | trained tower |")
+    print("|---|---:|---:|---:|")
+    shape_rows = []
+    for name, (fn, classes) in targets.items():
+        train_y, test_y = torch.tensor([fn(s) for s in train]), torch.tensor([fn(s) for s in test])
+        majority = float((test_y == train_y.bincount(minlength=classes).argmax()).float().mean())
+        accs = [_linear_probe(feats[m][0], train_y, feats[m][1], test_y, classes) for m in ("fresh", "trained")]
+        row = (name, majority, *accs)
+        if name.startswith("has a"):
+            shape_rows.append(row[1:])
+        else:
+            print("| {} | {:.3f} | {:.3f} | {:.3f} |".format(*row))
+    mean = [sum(col) / len(col) for col in zip(*shape_rows, strict=True)]
+    print("| has a <shape> (mean over {} shapes) | {:.3f} | {:.3f} | {:.3f} |".format(len(shape_rows), *mean))
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"package": package, "curve": curve, "tables": tables, "variance": variance}[command](*args)
+    commands = {"package": package, "curve": curve, "tables": tables, "variance": variance, "probe": probe}
+    commands[command](*args)
