@@ -42,9 +42,10 @@ def backgrounds(seed: int, n: int, size: int = 128) -> tuple[torch.Tensor, torch
 
 
 class BackgroundProbe(nn.Module):
-    """The model's own image path (DaViT -> projector) and a linear head on the pooled first image token."""
+    """The model's own image path (DaViT -> projector) and a linear head on its output: the pooled first image token
+    (`readout="pooled"`), or every spatial token, flattened (`"tokens"`: what the text model sees, positions kept)."""
 
-    def __init__(self, size: int, init: str = "fiore", seed: int = 0):
+    def __init__(self, size: int, init: str = "fiore", seed: int = 0, readout: str = "pooled"):
         super().__init__()
         torch.manual_seed(seed)
         model = FlorenceModel(
@@ -63,11 +64,13 @@ class BackgroundProbe(nn.Module):
             for name, m in model.vision_tower.named_modules():
                 if name.endswith("ffn.fc1"):
                     m.weight.data.normal_(0.0, m.in_features**-0.5)
-        self.tower, self.projector = model.vision_tower, model.projector
-        self.head = nn.Linear(model.config.vision.projection_dim, len(KINDS))
+        self.tower, self.projector, self.readout = model.vision_tower, model.projector, readout
+        tokens = 1 if readout == "pooled" else (size // 32) ** 2
+        self.head = nn.Linear(tokens * model.config.vision.projection_dim, len(KINDS))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.projector(self.tower(pixels))[:, 0])
+        x = self.projector(self.tower(pixels))
+        return self.head(x[:, 0] if self.readout == "pooled" else x[:, 1:].flatten(1))
 
 
 def run(
@@ -81,12 +84,13 @@ def run(
     log: int = 50,
     data=None,
     echo: bool = True,
+    readout: str = "pooled",
 ) -> list[dict]:
     """Train the probe; returns one record per `log` steps: step, loss, tower gradient norm, held-out accuracy.
     AdamW (betas 0.9/0.98, weight decay 0.05 on matrices), linear warmup then cosine to 5%, clip 1.0: the
     recipe of `fiore train`."""
     (x, y), (x_test, y_test) = data or (backgrounds(0, steps * batch, size), backgrounds(3000, 500, size))
-    net = BackgroundProbe(size, init, seed)
+    net = BackgroundProbe(size, init, seed, readout)
     decay = [p for p in net.parameters() if p.ndim >= 2]
     rest = [p for p in net.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -124,11 +128,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--readout", choices=["pooled", "tokens"], default="pooled")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     np.random.seed(0)
-    run(args.steps, args.lr, args.init, args.batch, seed=args.seed)
+    run(args.steps, args.lr, args.init, args.batch, seed=args.seed, readout=args.readout)
 
 
 if __name__ == "__main__":

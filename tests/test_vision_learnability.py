@@ -25,5 +25,6 @@ def test_tiny_davit_learns_the_background_kind_within_300_steps():
     finally:
         torch.set_num_threads(threads)
     assert records[-1]["step"] == 300
-    # measured: 0.548 / 0.710 / 0.730 at steps 100 / 200 / 300 (seed 0, batch 32, 2 threads)
+    # measured: 0.548 / 0.710 / 0.728 at steps 100 / 200 / 300 (seed 0, batch 32, 2 threads); the rest is solid vs.
+    # gradient, which it has not yet told apart (docs/training.md, "Where the missing accuracy is")
     assert records[-1]["accuracy"] >= 0.6, records
