@@ -178,17 +178,22 @@ class Processor:
             prompts = [prompts]
         if not prompts:
             raise ValueError("prompt_ids needs at least one prompt")
-        rows = [self.encode_prompt(p) for p in prompts]
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, : len(r)] = 1
-        return input_ids, attention_mask
+        input_ids, mask = pad_right([self.encode_prompt(p) for p in prompts], self.tokenizer.pad_id)
+        return input_ids, mask.long()
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Generated ids -> raw text with special tokens kept (what `Task.parse` takes)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tokenizer.decode(ids)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids (B, T) long right-padded with `pad_id`, mask (B, T) bool, True = token)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fiore.processor import pad_right
+
 IGNORE_INDEX = -100
 
 
@@ -265,12 +267,7 @@ class ContrastiveTexts:
         """-> (ids (B, T), mask (B, T), group (B,)); a sample without a text gets group -1 (left out of the loss)."""
         tok = self.tokenizer
         rows = [[tok.bos_id, *tok.encode(t)[: self.max_tokens - 2], tok.eos_id] if t else [tok.bos_id] for t in texts]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = True
+        ids, mask = pad_right(rows, tok.pad_id)
         first: dict[str, int] = {}
         group = torch.tensor([-1 if t is None else first.setdefault(t, i) for i, t in enumerate(texts)])
         return ids, mask, group
@@ -308,7 +305,6 @@ class MixtureDataset(torch.utils.data.Dataset):
         self.phases = mixture if isinstance(mixture, list) else [PhaseData(0, mixture, texts is not None)]
         if any(p.contrastive for p in self.phases) and texts is None:
             raise ValueError("a phase trains the contrastive loss but no ContrastiveTexts were given")
-        self.mixture = self.phases[0].mixture
         self.texts = texts
         self.make_sample = make_sample  # (seed, index) -> Sample
         self.pixel_values = pixel_values  # list[PIL] -> (B,3,H,W)
