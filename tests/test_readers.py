@@ -19,7 +19,9 @@ from fiore.data.writers import write_samples
 
 def _strip(s: Sample) -> dict:
     d = dataclasses.asdict(s)
-    d.pop("image"), d.pop("image_path")
+    d.pop("image"), d.pop("image_path"), d.pop("origin")  # where a sample was read differs by design
+    for o in d["objects"]:
+        o.pop("origin")
     return d
 
 

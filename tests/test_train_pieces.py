@@ -101,7 +101,7 @@ class FakeSample:
     image_id: int
     size: tuple = (32, 24)
 
-    def load_image(self):
+    def read_image(self):
         return self.image_id
 
 
@@ -157,9 +157,11 @@ def test_dataset_is_a_function_of_the_index_and_splits_ranks():
     def pixels(images):
         return torch.tensor(images, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
 
-    def make(seed, i):
-        return FakeSample(i)
+    class Stream:  # position -> sample, as fiore.data.sources.Stream
+        def __getitem__(self, i):
+            return FakeSample(i)
 
+    make = Stream()
     single = MixtureDataset(mix, make, pixels, seed=0, images_per_batch=4)
     r0 = MixtureDataset(mix, make, pixels, seed=0, images_per_batch=2, rank=0, world_size=2)
     r1 = MixtureDataset(mix, make, pixels, seed=0, images_per_batch=2, rank=1, world_size=2)

@@ -7,10 +7,11 @@ or any mix), joined on image id. Images stay on disk: samples carry `image_path`
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from fiore.data.sample import QA, Grounding, Object, Ref, Sample, TextItem
+from fiore.data.sample import QA, Grounding, Object, PromptPair, Ref, Sample, TextItem
 
 
 class DatasetError(ValueError):
@@ -97,7 +98,9 @@ class _Builder:
                 raise DatasetError(f"{where}: image {image_id!r} has no file_name")
             if width is None or height is None:
                 raise DatasetError(f"{where}: image {image_id!r} has no width/height")
-            s = self.samples[image_id] = Sample(image_id=image_id, width=int(width), height=int(height))
+            s = self.samples[image_id] = Sample(
+                image_id=image_id, width=int(width), height=int(height), origin=f"{where}: image {image_id!r}"
+            )
             self.files[image_id] = file_name
         return s
 
@@ -132,7 +135,7 @@ def _read_instances(path: Path, b: _Builder) -> None:
         elif seg:
             polygons = [[float(v) for v in ring] for ring in seg]
         obj = Object(box=_box(ann["bbox"], where), label=names[ann["category_id"]], polygons=polygons,
-                     attributes=attributes, rle=rle)  # fmt: skip
+                     attributes=attributes, rle=rle, origin=where)  # fmt: skip
         b.ann_index[ann["id"]] = (s.image_id, len(s.objects))
         s.objects.append(obj)
 
@@ -240,6 +243,54 @@ def read_dataset(directory: str | Path) -> list[Sample]:
     for image_id, s in b.samples.items():
         s.image_path = str(folder / b.files[image_id])
     return list(b.samples.values())
+
+
+_PREFIX_RE = re.compile(r"\s*(<[A-Za-z0-9_]+>)(.*)", re.DOTALL)
+
+
+def read_florence2_jsonl(path: str | Path) -> list[Sample]:
+    """The Florence-2 JSONL that Roboflow exports and maestro trains on: one line per (image, prompt, target),
+    `{"image": "a.jpg", "prefix": "<OD>", "suffix": "car<loc_52>..."}`, images relative to the file's folder.
+
+    `path` is the .jsonl file or a folder holding `annotations.jsonl`. Lines of one image join one Sample whose
+    `pairs` keep each prompt/target exactly as written. Problems that concern one line (an unknown task token, an
+    empty suffix, a missing image) do not stop reading: `fiore.data.check` reports them with file and line.
+    """
+    import fiore.tasks
+
+    tokens = {t.token: t for t in fiore.tasks.all()}
+    path = Path(path)
+    if path.is_dir():
+        path = path / "annotations.jsonl"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such Florence-2 JSONL file")
+    samples: dict[str, Sample] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("image", "prefix", "suffix")):
+                raise DatasetError(f"{where}: a Florence-2 JSONL line needs string fields image, prefix and suffix")
+            match = _PREFIX_RE.fullmatch(r["prefix"])
+            token, text = (match.group(1), match.group(2)) if match else ("", r["prefix"])
+            task = tokens.get(token)
+            s = samples.get(r["image"])
+            if s is None:
+                image_path = path.parent / r["image"]
+                try:
+                    width, height = _header_size(image_path.parent, image_path.name)
+                except (OSError, DatasetError):
+                    width = height = 0  # reported by the data check as a missing or unreadable image
+                s = samples[r["image"]] = Sample(
+                    image_id=r["image"], width=width, height=height, image_path=str(image_path), origin=where
+                )
+            s.pairs.append(PromptPair(task.name if task else token, text, r["suffix"], origin=where))
+    return list(samples.values())
 
 
 def read_coco(instances: str | Path, images: str | Path, captions: str | Path | None = None) -> list[Sample]:

@@ -14,6 +14,20 @@ Quad = tuple[float, float, float, float, float, float, float, float]  # x1, y1, 
 
 
 @dataclass
+class PromptPair:
+    """A raw Florence-2 training pair, as Roboflow/maestro JSONL give it: `<OD>` + `car<loc_52>...`.
+
+    `task` is the catalogue name of the prefix's task token; `input` what follows the token (a text, or a region's
+    4 loc tokens; "" for tasks without input); `target` the exact string the model is trained to emit.
+    """
+
+    task: str
+    input: str
+    target: str
+    origin: str = field(default="", compare=False)  # file:line it came from
+
+
+@dataclass
 class Object:
     """One annotated object instance."""
 
@@ -23,6 +37,7 @@ class Object:
     description: str | None = None  # dense region caption, e.g. "large red star"
     attributes: dict[str, Any] = field(default_factory=dict)  # e.g. {"color": "red", "size": "large"}
     rle: dict | None = None  # COCO RLE {"size": [h, w], "counts": str} when a dataset gives the mask that way
+    origin: str = field(default="", compare=False)  # where it was read, e.g. "instances.json: annotation 17"
 
 
 @dataclass
@@ -74,6 +89,8 @@ class Sample:
     label: str | None = None  # single classification label for the whole image
     vocabulary: list[str] = field(default_factory=list)  # open-vocabulary queries that apply to this image
     reference_captions: list[str] = field(default_factory=list)  # all "caption" references (COCO: 5); empty = [caption]
+    pairs: list[PromptPair] = field(default_factory=list)  # raw prompt/target pairs (Florence-2 JSONL, replay)
+    origin: str = field(default="", compare=False)  # where it was read: "instances.json: image 42", "a.jsonl:7"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -89,3 +106,14 @@ class Sample:
 
             self.image = load_image(self.image_path)
         return self.image
+
+    def read_image(self):
+        """The image as RGB PIL without keeping it on the sample (training loaders read each image many times and
+        must not hold a whole dataset of decoded images)."""
+        if self.image is not None:
+            return self.image
+        if self.image_path is None:
+            raise ValueError(f"sample {self.image_id!r} has neither an image nor an image_path")
+        from fiore.processor import load_image
+
+        return load_image(self.image_path)

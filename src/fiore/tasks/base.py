@@ -29,6 +29,7 @@ class Example:
     text: str | None = None
     region: tuple[float, float, float, float] | None = None  # xyxy pixels
     target: Result | None = None
+    raw_target: str | None = None  # the exact training string, when a dataset gives one (Florence-2 JSONL, replay)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class Task:
         category / description / OCR), the region's 4 loc tokens after the answer: official checkpoints answer
         `car<loc_52><loc_332><loc_932><loc_774>`, and clients that read Florence-2 output expect it.
         """
+        if example.raw_target is not None:
+            return example.raw_target
         text = self.serialize(example.target, image_size)
         if self.echoes_region:
             text += self.region_tokens(example.region, image_size)
@@ -141,5 +144,22 @@ class Task:
         return self._parse(p, self.name)
 
     def examples(self, sample: Sample) -> list[Example]:
-        """The (inputs, ground truth) pairs this task draws from `sample` (may be empty)."""
-        return self._examples(sample)
+        """The (inputs, ground truth) pairs this task draws from `sample` (may be empty): from its annotations, and
+        its raw prompt/target pairs of this task (trained verbatim; parsed for evaluation)."""
+        examples = list(self._examples(sample))
+        for pair in sample.pairs:
+            if pair.task == self.name:
+                examples.append(self.pair_example(pair, sample.size))
+        return examples
+
+    def pair_example(self, pair, image_size) -> Example:
+        """A raw pair (`fiore.data.sample.PromptPair`) as an Example; TaskInputError if its input does not fit."""
+        text = region = None
+        if self.inputs == "text":
+            text = self._check_text(pair.input)
+        elif self.inputs == "region":
+            region = self.region_tokens(pair.input.strip(), image_size)
+        elif pair.input.strip():
+            raise TaskInputError(f"task {self.token} takes no input, but the prompt has {pair.input.strip()!r}")
+        target = self.parse(pair.target, image_size) if image_size[0] > 0 and image_size[1] > 0 else None
+        return Example(text=text, region=region, target=target, raw_target=pair.target)

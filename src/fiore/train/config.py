@@ -4,13 +4,16 @@ Layout (see docs/training.md for every field):
 
     [model]      preset = "tiny" | checkpoint = "PATH";  [model.text] / [model.vision] / image_size overrides
     [tokenizer]  vocab_size, samples          (from-preset runs train a byte-level BPE on the data's text first)
-    [data]       kind = "synthetic", seed, eval_seed, num_workers
+    [data]       seed, eval_seed, num_workers, val_fraction, on_bad, check_images, augment
+    [[data.train]] / [[data.val]]  path, kind, weight, seed, limit   (default: the synthetic world)
+    [data.replay] tasks, weight   (the starting checkpoint's own answers on the training images, against forgetting)
+    [lora]       r, alpha, dropout, targets, scope   (peft LoRA adapters, merged into the saved checkpoints)
     [tasks]      task name = weight lambda_t  (loss = sum_t lambda_t L_t, see `fiore.train.mixture`)
     [contrastive] weight, texts              (image-text InfoNCE beside the tasks: `fiore.model.contrastive`)
     [[phases]]   name, end, tasks, contrastive  (optional: training in phases, each with its own weights)
-    [optim]      lr, weight_decay, betas, warmup_steps, steps, min_lr_ratio, batch_size, grad_accum, clip
+    [optim]      lr, weight_decay, betas, warmup_steps, steps | epochs, min_lr_ratio, batch_size, grad_accum, clip
     [train]      out_dir, seed, tasks_per_image, max_target_tokens, checkpoint_every, keep_checkpoints,
-                 eval_every, eval_samples, log_every, freeze, precision, gradient_checkpointing
+                 eval_every, eval_samples, best_metric, log_every, freeze, precision, gradient_checkpointing
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from fiore.data.sources import KINDS, SourceSpec
 
 
 class ConfigError(ValueError):
@@ -45,11 +50,49 @@ class TokenizerSection:
 
 
 @dataclass
+class ReplaySection:
+    """Replay against forgetting: before training, the starting checkpoint answers `tasks` (input-free ones, e.g.
+    caption and od) on every training image, once (cached in OUT/replay); those answers join the stream as a
+    source with `weight`, so the fine-tune keeps rehearsing what the model already did."""
+
+    tasks: list[str] = field(default_factory=list)
+    weight: float = 0.0  # share of the training stream; 0 = off
+    batch_size: int = 8  # images per generation batch while labelling
+
+
+@dataclass
 class DataSection:
-    kind: str = "synthetic"
-    seed: int = 0  # training stream: sample i = make_sample(seed, i)
-    eval_seed: int = 1  # held-out stream, never seen in training
-    num_workers: int = 0  # DataLoader worker processes building batches (0 = main process)
+    # Sources (fiore.data.sources): none given = the synthetic world, seed `seed` for training and `eval_seed`
+    # for validation. With dataset sources and no [[data.val]], `val_fraction` of each is held out.
+    train: list[SourceSpec] = field(default_factory=list)
+    val: list[SourceSpec] = field(default_factory=list)
+    seed: int = 0  # synthetic training stream (sample i = make_sample(seed, i)), and the shuffling of datasets
+    eval_seed: int = 1  # synthetic held-out stream, never seen in training
+    val_fraction: float = 0.1
+    on_bad: str = "error"  # bad examples (fiore.data.check): "error" stops before the first step; "skip" drops them
+    check_images: bool = True  # decode every image before training (finds corrupt files; costs one read of each)
+    augment: list[str] = field(default_factory=list)  # fiore.data.augment names, e.g. ["color", "crop"]
+    num_workers: int = 0  # DataLoader worker processes reading images and building batches (0 = main process)
+    replay: ReplaySection = field(default_factory=ReplaySection)
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft) on the linear layers named `targets` under the module path `scope`; everything else is
+    frozen. Saved checkpoints have the adapters merged: a plain Florence-2 checkpoint."""
+
+    r: int = 0  # rank; 0 = no LoRA
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+    scope: str = "model.language_model"  # "model" = the vision tower too (its qkv, proj, fc1, fc2)
+
+    def target_regex(self) -> str:
+        """peft's `target_modules` as a regex (full match on module names)."""
+        import re
+
+        names = "|".join(re.escape(t) for t in self.targets)
+        return rf"{re.escape(self.scope)}(\..+)?\.({names})"
 
 
 @dataclass
@@ -84,6 +127,7 @@ class OptimSection:
     eps: float = 1e-8
     warmup_steps: int = 100
     steps: int = 1000  # optimizer steps; the cosine ends here
+    epochs: float = 0.0  # > 0: train this many passes over the dataset sources instead (steps is then derived)
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     batch_size: int = 16  # images per optimizer step, over all processes and accumulation micro-steps
     grad_accum: int = 1
@@ -103,9 +147,14 @@ class TrainSection:
     decode_groups: int = 4  # rows are decoded in this many length-sorted groups (less padding)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # older step_N dirs are deleted
-    eval_every: int = 0  # eval runner (generation, metrics) + held-out loss: every N steps; 0 = at the end; < 0 = never
+    # eval runner (generation, metrics) + held-out loss: every N steps; 0 = at the end (and at every epoch end when
+    # training by epochs); < 0 = never
+    eval_every: int = 0
     val_every: int = 0  # held-out loss alone (cheap, teacher-forced) every N steps; 0 = never
-    eval_samples: int = 32  # held-out images for the eval runner and the held-out loss
+    eval_samples: int = 32  # held-out images for the eval runner and the held-out loss; 0 = the whole validation set
+    # Keep OUT/best: the checkpoint with the best value of this metric at an evaluation ("val_loss", or an eval
+    # runner headline such as "od/map50"; losses are minimised, everything else maximised). "" = keep none.
+    best_metric: str = ""
     eval_tasks: list[str] | None = None  # default: every training task
     log_every: int = 10
     freeze: list[str] = field(default_factory=list)  # part names ("vision_tower", "encoder", ...) or param prefixes
@@ -125,6 +174,7 @@ class TrainConfig:
     phases: list[Phase] = field(default_factory=list)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def plan(self) -> list[Phase]:
         """The phases with every field filled in: [[phases]] as given (tasks defaulting to [tasks]), or one phase
@@ -158,9 +208,11 @@ class TrainConfig:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         tasks = d.pop("tasks", None)
         phases = d.pop("phases", [])
+        d["data"] = _data(d.get("data", {}))
         if not isinstance(phases, list):
             raise ConfigError("[[phases]] must be an array of tables")
         sections = {name: _section(kind, d.get(name, {}), name) for name, kind in _SECTIONS.items()}
+        sections["data"] = d["data"]
         sections["phases"] = [_phase(p, i) for i, p in enumerate(phases)]
         config = cls(**sections) if tasks is None else cls(tasks=_tasks(tasks), **sections)
         config.validate()
@@ -185,8 +237,46 @@ class TrainConfig:
         m, o, t = self.model, self.optim, self.train
         if (m.preset is None) == (m.checkpoint is None):
             raise ConfigError("[model] needs exactly one of `preset` or `checkpoint`")
-        if self.data.kind != "synthetic":
-            raise ConfigError(f"[data] kind {self.data.kind!r} is not supported (only 'synthetic')")
+        data = self.data
+        for split, specs in (("train", data.train), ("val", data.val)):
+            for i, spec in enumerate(specs):
+                if spec.kind is not None and spec.kind not in KINDS:
+                    raise ConfigError(f"[[data.{split}]] entry {i}: unknown kind {spec.kind!r}; choose from {KINDS}")
+                if spec.kind != "synthetic" and not spec.path:
+                    raise ConfigError(f'[[data.{split}]] entry {i} needs a `path` (or kind = "synthetic")')
+                if not spec.weight > 0 or spec.limit < 0:
+                    raise ConfigError(f"[[data.{split}]] entry {i}: weight must be > 0 and limit >= 0")
+        if not 0 < data.val_fraction < 1:
+            raise ConfigError(f"[data] val_fraction must be between 0 and 1, got {data.val_fraction}")
+        if data.on_bad not in ("error", "skip"):
+            raise ConfigError(f"[data] on_bad must be 'error' or 'skip', got {data.on_bad!r}")
+        from fiore.data.augment import AUGMENTATIONS
+
+        for name in data.augment:
+            if name not in AUGMENTATIONS:
+                raise ConfigError(f"[data] augment: unknown {name!r}; choose from {sorted(AUGMENTATIONS)}")
+        if data.replay.weight < 0 or (data.replay.weight > 0 and not data.replay.tasks):
+            raise ConfigError("[data.replay] needs tasks = [...] and a weight >= 0")
+        if data.replay.weight > 0:
+            import fiore.tasks
+
+            for name in data.replay.tasks:
+                try:
+                    task = fiore.tasks.get(name)
+                except KeyError as e:
+                    raise ConfigError(f"[data.replay] tasks: {e.args[0]}") from None
+                if task.inputs != "none":
+                    raise ConfigError(
+                        f"[data.replay] tasks: {name} needs a {task.inputs} input; only input-free tasks replay"
+                    )
+            if m.checkpoint is None:
+                raise ConfigError("[data.replay] replays a starting checkpoint's answers: set [model] checkpoint")
+        if o.epochs < 0:
+            raise ConfigError(f"[optim] epochs must be >= 0, got {o.epochs}")
+        if self.lora.r < 0 or self.lora.r and not self.lora.targets:
+            raise ConfigError("[lora] needs r >= 0 and at least one target module name")
+        if self.lora.r and m.checkpoint is None:
+            raise ConfigError("[lora] adapts a trained model: set [model] checkpoint (LoRA from a preset trains noise)")
         if not self.tasks:
             raise ConfigError("[tasks] is empty: name at least one task with a weight")
         if self.contrastive.weight < 0:
@@ -228,11 +318,35 @@ class TrainConfig:
 _SECTIONS = {
     "model": ModelSection,
     "tokenizer": TokenizerSection,
-    "data": DataSection,
     "contrastive": ContrastiveSection,
     "optim": OptimSection,
     "train": TrainSection,
+    "lora": LoraSection,
 }
+
+
+def _data(values) -> DataSection:
+    """[data] with its source lists ([[data.train]], [[data.val]]) and [data.replay] subtable."""
+    if isinstance(values, DataSection):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError("[data] must be a table")
+    values = dict(values)
+    if "kind" in values:
+        raise ConfigError(
+            '[data] kind is gone: name sources as [[data.train]] tables (path = ..., or kind = "synthetic"); '
+            "with none, training uses the synthetic world"
+        )
+    lists = {}
+    for split in ("train", "val"):
+        specs = values.pop(split, [])
+        if not isinstance(specs, list):
+            raise ConfigError(f"[[data.{split}]] must be an array of tables")
+        lists[split] = [_section(SourceSpec, spec, f"data.{split}") for spec in specs]
+    data = _section(DataSection, values, "data")
+    data.replay = _section(ReplaySection, data.replay, "data.replay") if isinstance(data.replay, dict) else data.replay
+    data.train, data.val = lists["train"], lists["val"]
+    return data
 
 
 def _section(kind, values: dict, name: str):

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 
 from fiore.model.contrastive import unicl_loss
-from fiore.train import checkpointing, ddp, memory
+from fiore.train import checkpointing, ddp, lora, memory
 from fiore.train.config import TrainConfig
+from fiore.train.data import Cycle, build_data, make_replay, read_replay, replay_cache
 from fiore.train.mixture import (
     IGNORE_INDEX,
     Batch,
@@ -308,20 +309,20 @@ def param_checksum(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------- building
 
 
-def build_tokenizer(config: TrainConfig, out_dir: Path, world: ddp.World, mixture_tasks: list[str]):
-    """From a preset: train a byte-level BPE on prompts + targets of `tokenizer.samples` synthetic samples (every
-    task, so later fine-tunes find their tokens), save it to OUT/tokenizer. Rank 0 trains; the others load."""
+def build_tokenizer(config: TrainConfig, out_dir: Path, world: ddp.World, stream):
+    """From a preset: train a byte-level BPE on prompts + targets of the first `tokenizer.samples` samples of the
+    training stream (every task, so later fine-tunes find their tokens), save it to OUT/tokenizer. Rank 0 trains;
+    the others load."""
     from fiore.tokenizer import Tokenizer
 
     tok_dir = out_dir / "tokenizer"
     if world.is_main and not tok_dir.exists():
         import fiore.tasks
-        from fiore.data.synthetic import make_sample
 
         mixture = Mixture({t.name: 1.0 for t in fiore.tasks.all()}, tokenizer=None)
         texts = []
         for i in range(config.tokenizer.samples):
-            texts.extend(mixture.texts(make_sample(config.data.seed, i)))
+            texts.extend(mixture.texts(stream[i]))
         tok = Tokenizer.train(texts, config.tokenizer.vocab_size)
         tmp = out_dir / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +332,7 @@ def build_tokenizer(config: TrainConfig, out_dir: Path, world: ddp.World, mixtur
     return Tokenizer.from_dir(tok_dir)
 
 
-def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
+def build_model(config: TrainConfig, out_dir: Path, world: ddp.World, stream=None):
     """-> (model, model_config, tokenizer). Preset: fresh weights (seeded) + a tokenizer trained here.
     Checkpoint: its config (with [model] overrides) and weights, loaded strictly, and its tokenizer."""
     from fiore.model import FlorenceModel
@@ -347,7 +348,7 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
     if m.checkpoint is not None:
         import fiore
 
-        florence = fiore.load(m.checkpoint)
+        florence = fiore.load(starting_checkpoint(config))
         tokenizer = florence.tokenizer
         model_config = florence.config.replace(**overrides)
         torch.manual_seed(config.train.seed)
@@ -361,7 +362,7 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
     else:
         from fiore.config import preset
 
-        tokenizer = build_tokenizer(config, out_dir, world, list(config.tasks))
+        tokenizer = build_tokenizer(config, out_dir, world, stream)
         overrides["text"].update(
             vocab_size=tokenizer.vocab_size,
             pad_token_id=tokenizer.pad_id,
@@ -377,6 +378,11 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World):
             f"model vocab_size {model_config.text.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}"
         )
     return model.to(world.device), model_config, tokenizer
+
+
+def starting_checkpoint(config: TrainConfig) -> str | None:
+    """[model] checkpoint as `fiore.load` takes it ("default" = the shipped model)."""
+    return None if config.model.checkpoint == "default" else config.model.checkpoint
 
 
 def export(model: nn.Module, model_config, tokenizer, path: Path) -> None:
@@ -452,9 +458,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class Evaluator:
     """Held-out loss per task on fixed batches from the eval seed, plus the eval runner's metrics when asked."""
 
-    def __init__(self, config: TrainConfig, dataset: MixtureDataset, names: list[str]):
+    def __init__(self, config: TrainConfig, dataset: MixtureDataset, names: list[str], samples: list, inference_model):
         self.config = config
-        n = max(1, math.ceil(config.train.eval_samples / dataset.B))
+        self.inference_model = inference_model  # () -> the model to generate with (LoRA: adapters merged)
+        self.samples = samples  # dataset reads these, in order (the last batch wraps around)
+        n = max(1, math.ceil(len(samples) / dataset.B))
         self.batches = [dataset[k] for k in range(n)]
         self.names = names
 
@@ -491,18 +499,17 @@ class Evaluator:
         return total_sum, total_tok
 
     def report(self, loss_module: MultiTaskLoss, model_config, tokenizer):
-        """The eval runner's Report on `eval_samples` held-out synthetic samples; generation is capped at
-        `max_target_tokens` (no target the model saw was longer)."""
-        from fiore.data.synthetic import make_sample
+        """The eval runner's Report on the held-out samples; generation is capped at `max_target_tokens` (no target
+        the model saw was longer)."""
         from fiore.eval.runner import evaluate
         from fiore.florence import Florence
 
         t = self.config.train
-        samples = [make_sample(self.config.data.eval_seed, i) for i in range(t.eval_samples)]
+        samples = self.samples
         was_training = loss_module.training
         loss_module.eval()
         try:
-            florence = Florence(loss_module.model, model_config, tokenizer=tokenizer)
+            florence = Florence(self.inference_model(), model_config, tokenizer=tokenizer)
             return evaluate(
                 florence, samples, t.eval_tasks or self.names, progress=False, max_new_tokens=t.max_target_tokens
             )
@@ -572,9 +579,16 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     if not resume and checkpointing.latest(ckpt_root) is not None:
         ddp.cleanup(world)
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume or choose another out_dir")
+    if config.lora.r:
+        lora.require_peft()
+    # The data first: a bad dataset stops the run here, before any model is built or step taken.
+    data = build_data(config, lambda samples: _replay(config, samples, out_dir, world))
+    if config.optim.epochs > 0:
+        config = config.replace({"optim.steps": data.stream.steps_for(config.optim.epochs, config.optim.batch_size)})
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        print(data.describe() + f"; {config.optim.steps} steps", file=sys.stderr, flush=True)
     ddp.barrier(world)
 
     o, t = config.optim, config.train
@@ -584,7 +598,8 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             f"batch_size {o.batch_size} is not divisible by grad_accum {o.grad_accum} x {world.world_size} processes"
         )
 
-    model, model_config, tokenizer = build_model(config, out_dir, world)
+    model, model_config, tokenizer = build_model(config, out_dir, world, data.stream)
+    adapters = lora.add_adapters(model, config.lora) if config.lora.r else None
     freeze(model, t.freeze)
     if t.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
@@ -598,7 +613,10 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         if step_dir is None:
             warnings.warn(f"--resume: no checkpoint under {ckpt_root}; starting from step 0", stacklevel=2)
         else:
-            load_weights(model, step_dir)
+            if adapters is None:
+                load_weights(model, step_dir)
+            else:  # the base weights are the starting checkpoint's; the adapters hold everything trained
+                lora.load_adapters(adapters, step_dir)
             state = checkpointing.load_state(step_dir)
             optimizer.load_state_dict(state["optimizer"])
             start = int(state["step"])
@@ -613,7 +631,6 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     if world.is_main:
         _truncate_metrics(out_dir / "metrics.jsonl", start)
 
-    from fiore.data.synthetic import make_sample
     from fiore.processor import Processor
 
     processor = Processor(tokenizer, model_config.image_size)
@@ -651,8 +668,8 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         for end, mix, phase in zip(ends, mixtures, plan, strict=True)
     ]
     dataset = MixtureDataset(
-        phase_data, make_sample, processor.pixel_values, config.data.seed, micro_images, world.rank,
-        world.world_size, texts,
+        phase_data, data.stream, processor.pixel_values, config.data.seed, micro_images, world.rank,
+        world.world_size, texts, config.data.augment,
     )  # fmt: skip
     phase = phase_at(ends, start)
     loss_module = MultiTaskLoss(
@@ -672,13 +689,29 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         # Held-out batches draw from every task of every phase (and the image-text pairs, if any phase uses them).
         union = mixture_of({n: max(phase.tasks.get(n, 0.0) for phase in plan) for n in names})
         eval_set = MixtureDataset(
-            union, make_sample, processor.pixel_values, config.data.eval_seed, micro_images, texts=texts
+            union, Cycle(data.val), processor.pixel_values, config.data.eval_seed, micro_images, texts=texts
         )
-        evaluator = Evaluator(config, eval_set, names)
+
+        def inference_model() -> nn.Module:
+            return model if adapters is None else lora.merged(adapters).eval()
+
+        evaluator = Evaluator(config, eval_set, names, data.val, inference_model)
+    epoch_ends = set()
+    if o.epochs > 0 and t.eval_every == 0:  # evaluate at every epoch end
+        epoch_ends = {math.ceil(e * data.stream.epoch_length / o.batch_size) for e in range(1, math.ceil(o.epochs) + 1)}
+    best = Best(out_dir, t.best_metric, start)
+
+    def save(directory: Path, step_checkpoint: bool = False) -> None:
+        export(model if adapters is None else lora.merged(adapters), model_config, tokenizer, directory)
+        if adapters is not None and step_checkpoint:
+            lora.save_adapters(adapters, directory)
+
     guard = ImageRelianceGuard(after_step=o.warmup_steps)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger = Logger(out_dir / "metrics.jsonl", o.steps, start, world.is_main, t.progress)
+    if start == 0:
+        logger.write({"step": 0, "data": data.describe(), "skipped": data.skipped, "steps": o.steps})
     batches = loader(dataset, start * o.grad_accum, config.data.num_workers)
     loss_module.train()
     columns = [*names, "contrastive"]  # the loss module's entries: tasks, then the contrastive loss
@@ -742,16 +775,19 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
                 window = {"t0": time.perf_counter(), "images": 0, "rows": 0, "sum": 0.0, "tok": 0.0}
 
             if evaluator is not None and done != o.steps:
-                if t.eval_every > 0 and done % t.eval_every == 0:
-                    _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, done, guard, full=False)
+                if (t.eval_every > 0 and done % t.eval_every == 0) or done in epoch_ends:
+                    record = _evaluate(evaluator, loss_module, model_config, tokenizer, logger, done, guard, False)
+                    best.update(record, save)
                 elif t.val_every > 0 and done % t.val_every == 0:
                     with torch.random.fork_rng(devices=[]):
                         record = {"step": done, **evaluator.loss(loss_module, world.device)}
                     guard.check(record)
                     logger.write(record, echo=True)
+                    if t.best_metric == "val_loss":
+                        best.update(record, save)
 
             if done % t.checkpoint_every == 0 or done == o.steps:
-                _checkpoint(ckpt_root, done, model, model_config, tokenizer, optimizer, world, t.keep_checkpoints)
+                _checkpoint(ckpt_root, done, save, optimizer, world, t.keep_checkpoints)
             if callback is not None:
                 callback(done, model)
         checksums = ddp.gather_objects(world, param_checksum(model))
@@ -760,38 +796,88 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             logger.write({"step": o.steps, "param_sha256": checksums})  # one per rank: DDP keeps them equal
             tmp = out_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            export(model, model_config, tokenizer, tmp)
+            save(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.replace(final)
         ddp.barrier(world)  # the other ranks are done; rank 0 evaluates alone
         if evaluator is not None:
             if t.eval_every >= 0:
-                _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, o.steps, guard, full=True)
+                record = _evaluate(evaluator, loss_module, model_config, tokenizer, logger, o.steps, guard, True)
             else:
                 with torch.random.fork_rng(devices=[]):
                     record = {"step": o.steps, **evaluator.loss(loss_module, world.device)}
                 guard.check(record)
                 logger.write(record, echo=True)
+            best.update(record, save)
         return final
     finally:
         logger.close()
         ddp.cleanup(world)
 
 
-def _evaluate(evaluator, loss_module, model_config, tokenizer, world, logger, step, guard, full: bool) -> None:
+def _evaluate(evaluator, loss_module, model_config, tokenizer, logger, step, guard, full: bool) -> dict:
     with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG streams
-        record = {"step": step, **evaluator.loss(loss_module, world.device)}
+        record = {"step": step, **evaluator.loss(loss_module, next(loss_module.parameters()).device)}
         report = evaluator.report(loss_module, model_config, tokenizer)
     guard.check(record)
     record["eval"] = {k: (None if v != v else round(v, 4)) for k, v in report.headline().items()}  # NaN -> null
     logger.write(record, echo=True)
     if full:
         report.save(Path(evaluator.config.train.out_dir) / "eval" / "report.json")
+    return record
 
 
-def _checkpoint(ckpt_root, step, model, model_config, tokenizer, optimizer, world, keep) -> None:
+def _checkpoint(ckpt_root, step, save, optimizer, world, keep) -> None:
     rngs = ddp.gather_objects(world, checkpointing.rng_state())
     if world.is_main:
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs}
-        checkpointing.save(ckpt_root, step, lambda d: export(model, model_config, tokenizer, d), state, keep=keep)
+        checkpointing.save(ckpt_root, step, lambda d: save(d, step_checkpoint=True), state, keep=keep)
     ddp.barrier(world)
+
+
+def _replay(config: TrainConfig, samples: list, out_dir: Path, world: ddp.World) -> list:
+    """The replay source's samples: the starting checkpoint's answers on the training images (made by rank 0 once,
+    cached under OUT/replay; every rank reads the cache)."""
+    import fiore
+
+    r = config.data.replay
+    path = replay_cache(config.model.checkpoint, samples, r.tasks, out_dir / "replay")
+    if world.is_main and not path.is_file():
+        florence = fiore.load(starting_checkpoint(config), device=str(world.device))
+        make_replay(florence, samples, r.tasks, path, r.batch_size)
+        del florence
+    ddp.barrier(world)
+    return read_replay(path, samples)
+
+
+class Best:
+    """OUT/best: the model at the evaluation with the best `metric` so far ("val_loss" or an eval headline like
+    "od/map50"; names with "loss" are minimised, the rest maximised). OUT/best.json says which step and value."""
+
+    def __init__(self, out_dir: Path, metric: str, start: int):
+        self.dir, self.metric = out_dir / "best", metric
+        self.minimise = "loss" in metric
+        self.value = None
+        info = out_dir / "best.json"
+        if metric and start > 0 and info.is_file():  # resuming: the best so far, if it came before the checkpoint
+            record = json.loads(info.read_text())
+            if record["step"] <= start and record["metric"] == metric:
+                self.value = record["value"]
+
+    def update(self, record: dict, save) -> None:
+        if not self.metric:
+            return
+        value = record.get(self.metric, record.get("eval", {}).get(self.metric))
+        if value is None:
+            known = [k for k in record if k.startswith("val_loss")] + list(record.get("eval", {}))
+            raise ValueError(f"[train] best_metric {self.metric!r} is not measured; measured: {known}")
+        if self.value is not None and (value >= self.value if self.minimise else value <= self.value):
+            return
+        self.value = value
+        tmp = self.dir.with_name(".best.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(tmp)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        tmp.replace(self.dir)
+        info = {"step": record["step"], "metric": self.metric, "value": value}
+        (self.dir.parent / "best.json").write_text(json.dumps(info) + "\n")

@@ -23,6 +23,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -284,9 +285,10 @@ class PhaseData:
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Item k = micro-batch k of one process, built deterministically from sample indices.
+    """Item k = micro-batch k of one process, built deterministically from stream positions.
 
-    Global micro-batch m of process `rank` holds samples (m * world_size + rank) * B + j, j < B. With
+    Global micro-batch m of process `rank` holds stream positions (m * world_size + rank) * B + j, j < B (so ranks
+    read disjoint shards of the stream). With
     m = step * grad_accum + a, the data position of a run is its step: resuming there replays the same batches,
     and the phase of micro-batch m (`phases`) is a function of m too, so a resume across a phase boundary does too.
     """
@@ -294,24 +296,26 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         mixture: Mixture | list[PhaseData],
-        make_sample: Callable,
+        samples: Any,
         pixel_values: Callable,
         seed: int,
         images_per_batch: int,
         rank: int = 0,
         world_size: int = 1,
         texts: ContrastiveTexts | None = None,
+        augment: Sequence[str] = (),
     ):
         self.phases = mixture if isinstance(mixture, list) else [PhaseData(0, mixture, texts is not None)]
         if any(p.contrastive for p in self.phases) and texts is None:
             raise ValueError("a phase trains the contrastive loss but no ContrastiveTexts were given")
         self.texts = texts
-        self.make_sample = make_sample  # (seed, index) -> Sample
+        self.samples = samples  # stream position -> Sample (`fiore.data.sources.Stream`)
         self.pixel_values = pixel_values  # list[PIL] -> (B,3,H,W)
         self.seed = seed
         self.B = images_per_batch
         self.rank = rank
         self.world_size = world_size
+        self.augment = list(augment)
 
     def __len__(self) -> int:
         return 2**62 // max(1, self.B * self.world_size)
@@ -326,12 +330,19 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Batch:
         phase = self.phase(k)
         indices = self.indices(k)
-        samples = [self.make_sample(self.seed, i) for i in indices]
+        samples = [self.samples[i] for i in indices]
+        images = [s.read_image() for s in samples]  # decoded here: in a loader worker when num_workers > 0
+        if self.augment:
+            from fiore.data.augment import augment
+
+            for j, i in enumerate(indices):
+                rng = random.Random(f"fiore-augment:{self.seed}:{i}")
+                samples[j], images[j] = augment(self.augment, samples[j], images[j], rng)
         rows = [
             phase.mixture.rows(s, random.Random(f"fiore-mixture:{self.seed}:{i}"))
             for s, i in zip(samples, indices, strict=True)
         ]
-        pixels = self.pixel_values([s.load_image() for s in samples])
+        pixels = self.pixel_values(images)
         tok = phase.mixture.tokenizer
         batch = collate(pixels, rows, tok.pad_id, phase.mixture.decoder_start_id)
         if phase.contrastive:
