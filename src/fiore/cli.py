@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -328,6 +329,47 @@ def synth(
         bar = progress.add_task("synth", total=n)
         write_dataset(out, n, seed, progress=lambda done: progress.update(bar, completed=done))
     typer.echo(f"{out}: {n} images (seed {seed})")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets before training on them.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    path: Path = typer.Argument(
+        ..., help="dataset directory, Florence-2 JSONL file, or a folder with annotations.jsonl"
+    ),
+    kind: str | None = typer.Option(None, "--kind", help="dataset or florence2 (default: from the path)"),
+    images: bool = typer.Option(True, "--images/--no-images", help="decode every image (finds corrupt files)"),
+) -> None:
+    """Check a dataset as `fiore train` does before its first step: every problem with its file and line or
+    annotation id. Exit status 1 when there is any."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fiore.data.check import check_samples
+    from fiore.data.readers import DatasetError
+    from fiore.data.sources import SourceSpec, read_source
+
+    try:
+        source = read_source(SourceSpec(path=str(path), kind=kind))
+    except DatasetError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    samples = source.samples
+    with Progress(TextColumn("checking"), BarColumn(), MofNCompleteColumn(), transient=True) as progress:
+        bar = progress.add_task("check", total=len(samples))
+        problems = check_samples(samples, images=images, progress=lambda done: progress.update(bar, completed=done))
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 200)
+    for p in problems:
+        console.print(f"{p.where}: {p.what}", markup=False, highlight=False)
+    bad = len({p.sample for p in problems})
+    pairs = sum(len(s.pairs) for s in samples)
+    what = f"{len(samples)} images" + (f", {pairs} prompt/target pairs" if pairs else "")
+    typer.echo(f"{source.name}: {what}; {len(problems)} problem(s) in {bad} image(s)")
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command("tasks")

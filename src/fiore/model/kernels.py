@@ -97,8 +97,8 @@ class Linear(nn.Linear):
             return _onednn_forward(x, w if rows == 1 else self._packed_weight(), b, self.out_features)
         if min(k, self.out_features) > NARROW or torch.is_autocast_enabled("cpu"):
             return F.linear(x, w, b)
-        if grad:
-            return _NarrowLinear.apply(x, w, b)
+        if grad:  # (the Function returns rows x out_features; a view made inside it could not be changed in place)
+            return _NarrowLinear.apply(x, w, b).view(*x.shape[:-1], self.out_features)
         return _onednn_forward(x, w, b, self.out_features)
 
 
@@ -113,8 +113,9 @@ class _NarrowLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(..., k) -> (rows, out_features): a new tensor, not a view (autograd forbids changing those in place)."""
         ctx.save_for_backward(x, weight)
-        return _onednn_forward(x, weight, bias, weight.shape[0])
+        return _onednn_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], "")
 
     @staticmethod
     @once_differentiable

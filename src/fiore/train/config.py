@@ -34,8 +34,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    preset: str | None = "tiny"
-    checkpoint: str | None = None  # fine-tune from a fiore checkpoint dir instead of a preset
+    preset: str | None = None  # "tiny" | "base" | "large": fresh weights (the default: tiny, when no checkpoint)
+    checkpoint: str | None = None  # fine-tune a checkpoint dir (fiore or official, either key format); "default" =
+    # the shipped model
     text: dict[str, Any] = field(default_factory=dict)  # TextConfig field overrides
     vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig field overrides
     image_size: tuple[int, int] | None = None  # (height, width) override
@@ -178,20 +179,30 @@ class TrainConfig:
 
     def plan(self) -> list[Phase]:
         """The phases with every field filled in: [[phases]] as given (tasks defaulting to [tasks]), or one phase
-        of [tasks] and [contrastive] weight over the whole run."""
+        of [tasks] and [contrastive] weight over the whole run. Replayed tasks ([data.replay]) that a phase does
+        not train already join it with the replay weight as their lambda."""
         if not self.phases:
-            return [Phase("train", 1.0, dict(self.tasks), self.contrastive.weight, texts=list(self.contrastive.texts))]
-        return [
-            Phase(
-                p.name,
-                p.end,
-                dict(p.tasks or self.tasks),
-                p.contrastive,
-                p.vision_from_tasks,
-                list(p.texts or self.contrastive.texts),
-            )
-            for p in self.phases
-        ]
+            phases = [
+                Phase("train", 1.0, dict(self.tasks), self.contrastive.weight, texts=list(self.contrastive.texts))
+            ]
+        else:
+            phases = [
+                Phase(
+                    p.name,
+                    p.end,
+                    dict(p.tasks or self.tasks),
+                    p.contrastive,
+                    p.vision_from_tasks,
+                    list(p.texts or self.contrastive.texts),
+                )
+                for p in self.phases
+            ]
+        replay = self.data.replay
+        if replay.weight > 0:
+            for phase in phases:
+                for name in replay.tasks:
+                    phase.tasks.setdefault(name, replay.weight)
+        return phases
 
     def phase_ends(self) -> list[int]:
         """The optimizer step at which each phase ends (the last one at optim.steps)."""
@@ -228,6 +239,9 @@ class TrainConfig:
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"override {key!r}: {part!r} is not a config section")
                 node = node[part]
+            if not path and isinstance(node.get(last), dict) and isinstance(value, dict) and last != "tasks":
+                node[last] = {**node[last], **value}  # a section's fields at once: --set 'lora={r=8, alpha=16}'
+                continue
             if not path and last not in ("tasks", "phases"):
                 raise ConfigError(f"override {key!r} must name a field as section.field")
             node[last] = value
@@ -235,8 +249,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         m, o, t = self.model, self.optim, self.train
-        if (m.preset is None) == (m.checkpoint is None):
-            raise ConfigError("[model] needs exactly one of `preset` or `checkpoint`")
+        if m.preset is not None and m.checkpoint is not None:
+            raise ConfigError("[model] takes `preset` (fresh weights) or `checkpoint` (fine-tuning), not both")
+        if m.checkpoint is None and m.preset is None:
+            m.preset = "tiny"
         data = self.data
         for split, specs in (("train", data.train), ("val", data.val)):
             for i, spec in enumerate(specs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def build_data(config: TrainConfig, labeller=None) -> TrainingData:
     else:
         val_sources = [read_source(SourceSpec(kind="synthetic", seed=d.eval_seed))]
     val = _first(val_sources, config.train.eval_samples)
+    _warn_untrained_pairs(train, {n for phase in config.plan() for n, w in phase.tasks.items() if w > 0})
     primary = len(train)
     if d.replay.weight > 0:
         if labeller is None:
@@ -85,9 +87,26 @@ def build_data(config: TrainConfig, labeller=None) -> TrainingData:
         own = [s for source in train if isinstance(source, ListSource) for s in source.samples]
         if not own:
             raise ConfigError("[data.replay] labels the training images of dataset sources; there are none")
-        train.append(ListSource(labeller(own), "replay"))
+        labelled = labeller(own)
+        if not labelled:
+            raise DatasetError(f"[data.replay]: the starting model gave empty answers to {d.replay.tasks} on all "
+                               f"{len(own)} training images; there is nothing to replay")  # fmt: skip
+        train.append(ListSource(labelled, "replay"))
         weights.append(d.replay.weight)
     return TrainingData(Stream(train, weights, d.seed, primary=primary), val, skipped)
+
+
+def _warn_untrained_pairs(sources: list[Source], trained: set[str]) -> None:
+    """Florence-2 JSONL lines of a task the mixture does not train are never seen: say so, with the count."""
+    counts: dict[str, int] = {}
+    for source in sources:
+        for s in getattr(source, "samples", []):
+            for pair in s.pairs:
+                if pair.task not in trained:
+                    counts[pair.task] = counts.get(pair.task, 0) + 1
+    if counts:
+        listed = ", ".join(f"{n} ({c} lines)" for n, c in sorted(counts.items()))
+        warnings.warn(f"prompt/target pairs of tasks not in [tasks] are not trained: {listed}", stacklevel=3)
 
 
 def _first(sources: list[Source], n: int) -> list[Sample]:

@@ -581,6 +581,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume or choose another out_dir")
     if config.lora.r:
         lora.require_peft()
+    _check_best_metric(config)
     # The data first: a bad dataset stops the run here, before any model is built or step taken.
     data = build_data(config, lambda samples: _replay(config, samples, out_dir, world))
     if config.optim.epochs > 0:
@@ -636,6 +637,9 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     processor = Processor(tokenizer, model_config.image_size)
     plan, ends = config.plan(), config.phase_ends()
     names = list(dict.fromkeys(n for phase in plan for n in phase.tasks))  # every task of any phase, in order
+    # replayed tasks the user does not train: learnt from the start model's answers only
+    own = set(config.tasks) | {n for phase in config.phases for n in phase.tasks}
+    replay_only = [n for n in config.data.replay.tasks if n not in own] if config.data.replay.weight > 0 else []
 
     def mixture_of(weights: dict[str, float]) -> Mixture:
         return Mixture(
@@ -645,6 +649,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
             max_target_tokens=t.max_target_tokens,
             max_prompt_tokens=t.max_prompt_tokens,
             decoder_start_id=model_config.text.decoder_start_token_id,
+            pairs_only=replay_only,
         )
 
     mixtures = [mixture_of(phase.tasks) for phase in plan]
@@ -848,6 +853,21 @@ def _replay(config: TrainConfig, samples: list, out_dir: Path, world: ddp.World)
         del florence
     ddp.barrier(world)
     return read_replay(path, samples)
+
+
+def _check_best_metric(config: TrainConfig) -> None:
+    """[train] best_metric must be something the evaluations measure: found out now, not after the first epoch."""
+    from fiore.eval.scorers import scorer_for
+
+    metric, t = config.train.best_metric, config.train
+    if not metric or metric.startswith("val_loss"):
+        return
+    tasks = t.eval_tasks or list(dict.fromkeys(n for phase in config.plan() for n in phase.tasks))
+    known = [f"{name}/{key}" for name in tasks for key in scorer_for(name).headline]
+    if metric not in known:
+        raise ValueError(f"[train] best_metric {metric!r} is not measured; choose val_loss or one of {known}")
+    if t.eval_every < 0:
+        raise ValueError(f"[train] best_metric {metric!r} needs evaluations: eval_every must be >= 0")
 
 
 class Best:

@@ -83,6 +83,7 @@ class Mixture:
         max_prompt_tokens: int = 64,
         decoder_start_id: int = 2,
         task_lookup: Callable | None = None,
+        pairs_only: Sequence[str] = (),
     ):
         if task_lookup is None:
             from fiore.tasks import get as task_lookup
@@ -99,6 +100,8 @@ class Mixture:
         self.max_target_tokens = max_target_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.decoder_start_id = decoder_start_id
+        # Tasks learnt only from raw pairs (replayed answers), not from a sample's own annotations.
+        self.pairs_only = [name in pairs_only for name in self.names]
 
     def rows(self, sample, rng: random.Random) -> list[Row]:
         """Up to K rows for one sample: K distinct tasks drawn by weight among those with examples for it."""
@@ -107,6 +110,8 @@ class Mixture:
             if w <= 0:  # off in this phase
                 continue
             examples = task.examples(sample)
+            if self.pairs_only[i]:
+                examples = [e for e in examples if e.raw_target is not None]
             if examples:
                 candidates.append((math.log(1.0 - rng.random()) / w, i, examples))
         candidates.sort(key=lambda c: c[0], reverse=True)
