@@ -359,6 +359,8 @@ def test_training_stops_on_bad_data_before_the_first_step_or_skips_it(tmp_path):
         train(load_config(SMOKE, {**over, "train.out_dir": str(tmp_path / "a")}))
     assert "on_bad" in str(e.value) and "fiore data check" in str(e.value)
     assert not (tmp_path / "a").exists()  # nothing was built or written
+    cli = CliRunner().invoke(app, ["train", str(SMOKE), "--data", str(d), "--set", f"train.out_dir={tmp_path / 'c'}"])
+    assert cli.exit_code == 1 and "outside" in cli.output and "Traceback" not in cli.output
     train(load_config(SMOKE, {**over, "train.out_dir": str(tmp_path / "b"), "data.on_bad": "skip"}))
     first = records(tmp_path / "b")[0]
     assert list(first["skipped"].values()) == [2] and "2" in first["data"]

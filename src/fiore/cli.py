@@ -23,16 +23,34 @@ def train(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override a config value: section.key=value (repeatable)")
     ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="training source: dataset dir or Florence-2 JSONL (repeatable)"),
+    ] = None,
+    val: Annotated[
+        list[str] | None, typer.Option("--val", help="validation source (repeatable)")
+    ] = None,
 ) -> None:
     """Train a model from a preset or fine-tune a checkpoint (torchrun for several processes / machines)."""
     from fiore.train.config import ConfigError, load_config, parse_override
+
+    overrides = dict(parse_override(s) for s in set_ or [])
+    if data:
+        overrides["data.train"] = [{"path": p} for p in data]
+    if val:
+        overrides["data.val"] = [{"path": p} for p in val]
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="CONFIG / --set") from None
+    from fiore.data.readers import DatasetError
     from fiore.train.loop import train as run
 
     try:
-        cfg = load_config(config, dict(parse_override(s) for s in set_ or []))
-    except ConfigError as e:
-        raise typer.BadParameter(str(e), param_hint="CONFIG / --set") from None
-    final = run(cfg, resume=resume)
+        final = run(cfg, resume=resume)
+    except DatasetError as e:  # bad training data: the problems, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"final model: {final}")
 
 
@@ -254,7 +272,9 @@ def serve(
 
 @app.command("eval")
 def eval_(
-    data: Path = typer.Option(..., "--data", "-d", help="dataset directory (images/, instances.json, ...)"),
+    data: Path = typer.Option(
+        ..., "--data", "-d", help="dataset directory (images/, instances.json, ...) or Florence-2 JSONL"
+    ),
     tasks: str = typer.Option("all", "--tasks", "-t", help="comma-separated task names, or all"),
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="evaluate the first N images only"),
@@ -274,11 +294,11 @@ def eval_(
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
     from rich.console import Console
 
-    from fiore.data.readers import read_dataset
+    from fiore.data.sources import SourceSpec, read_samples
     from fiore.eval.runner import evaluate, evaluate_zero_shot, resolve_tasks, swap_images
 
     try:
-        samples = read_dataset(data)
+        samples = read_samples(SourceSpec(path=str(data)))  # a dataset directory or a Florence-2 JSONL
     except (OSError, ValueError) as e:
         raise typer.BadParameter(f"{data}: {e}", param_hint="--data") from None
     try:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fiore.data.readers import DatasetError, read_dataset, read_florence2_jsonl
+from fiore.data import readers
+from fiore.data.readers import DatasetError
 from fiore.data.sample import Sample
 
 KINDS = ("synthetic", "dataset", "florence2")
@@ -88,6 +89,14 @@ class ListSource(Source):
         return self.samples[i]
 
 
+def read_samples(spec: SourceSpec) -> list[Sample]:
+    """The samples of a dataset or Florence-2 JSONL source, as its reader gives them (possibly none)."""
+    kind = spec.resolved_kind()
+    if kind == "synthetic" or spec.path is None:
+        raise DatasetError(f"a {kind} source has no files to read")
+    return readers.read_florence2_jsonl(spec.path) if kind == "florence2" else readers.read_dataset(spec.path)
+
+
 def read_source(spec: SourceSpec) -> Source:
     """Open one source; dataset files are read now (images are not)."""
     kind = spec.resolved_kind()
@@ -96,9 +105,7 @@ def read_source(spec: SourceSpec) -> Source:
         if spec.limit:
             source = ListSource([source[i] for i in range(spec.limit)], source.name)
         return source
-    if spec.path is None:
-        raise DatasetError(f"a {kind} source needs a `path`")
-    samples = read_florence2_jsonl(spec.path) if kind == "florence2" else read_dataset(spec.path)
+    samples = read_samples(spec)
     if spec.limit:
         samples = samples[: spec.limit]
     return ListSource(samples, f"{kind} {spec.path}")
