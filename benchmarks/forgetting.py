@@ -2,10 +2,13 @@
 other task before and after (docs/training.md, "Fine-tune on your own data").
 
     python benchmarks/forgetting.py --out runs/forgetting            # the shipped model, od, ~25 min on 2 cores
+    python benchmarks/forgetting.py --out runs/forgetting-classes --task classify --relabel --replay caption
 
 Writes TRAIN/ and VAL/ with `fiore synth` (seeds never used by the default model's training), evaluates the
 starting model, fine-tunes it on `--task` alone (configs/finetune.toml) without and with [data.replay] of
-`--replay` tasks, evaluates both, and prints the table as markdown (also OUT/forgetting.md).
+`--replay` tasks, evaluates both, and prints the table as markdown (also OUT/forgetting.md). `--relabel` renames
+the four background classes in both sets (a user's own label set for `classify`: noise -> star, stripes -> circle,
+solid -> square, gradient -> triangle, words the shipped tokenizer knows).
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+NEW_NAMES = {"noise": "star", "stripes": "circle", "solid": "square", "gradient": "triangle"}
+
+
+def relabel(directory: Path) -> None:
+    path = directory / "fiore.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        if r.get("label"):
+            r["label"] = NEW_NAMES[r["label"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main() -> None:
@@ -30,6 +45,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--relabel", action="store_true", help="rename the classes (a new label set to learn)")
     args = ap.parse_args()
 
     import fiore
@@ -44,6 +60,9 @@ def main() -> None:
     if not train_dir.exists():
         write_dataset(train_dir, args.train_images, seed=7001)
         write_dataset(val_dir, args.val_images, seed=7002)
+        if args.relabel:
+            for directory in (train_dir, val_dir):
+                relabel(directory)
     val = read_dataset(val_dir)
     tasks = args.eval.split(",")
 

@@ -291,6 +291,11 @@ def test_lora_on_an_original_format_base_checkpoint_loads_in_transformers(tmp_pa
     })  # fmt: skip
     final = train(cfg)
     ours = fiore.load(final).model
+    before = fiore.load(start).model.state_dict()
+    moved = {k for k, v in ours.state_dict().items() if not torch.equal(v, before[k])}
+    del before
+    assert moved and all(".language_model." in k and k.endswith(("proj.weight", "fc1.weight", "fc2.weight"))
+                         for k in moved), sorted(moved)[:5]  # the adapters, merged; nothing else  # fmt: skip
     hf = transformers.Florence2ForConditionalGeneration.from_pretrained(final).eval()
     torch.manual_seed(0)
     pixels = torch.randn(1, 3, 192, 192)
