@@ -176,41 +176,44 @@ def _tuple(values, n: int, where: str) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _read_jsonl(path: Path, b: _Builder, image_size) -> None:
+def _jsonl_records(path: Path):
+    """(where, record) for each non-blank line of a JSONL file; `where` is "path:line"."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                r = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON ({e})") from None
-            if "image_id" not in r:
-                raise DatasetError(f"{where}: no image_id")
-            width, height = r.get("width"), r.get("height")
-            if r["image_id"] not in b.samples and (width is None or height is None) and r.get("file_name"):
-                width, height = image_size(r["file_name"])
-            s = b.image(r["image_id"], r.get("file_name"), width, height, where)
-            s.captions.update(r.get("captions", {}))
-            s.texts += [
-                TextItem(t["text"], _tuple(t["quad"], 8, where), _tuple(t["box"], 4, where)) for t in r.get("texts", [])
-            ]
-            s.qas += [QA(q["question"], q["answer"], q.get("answers", []), q.get("kind")) for q in r.get("qas", [])]
-            if r.get("label") is not None:
-                s.label = r["label"]
-            s.groundings += [
-                Grounding(
-                    g["caption"], [(p["phrase"], [_tuple(x, 4, where) for x in p["boxes"]]) for p in g["phrases"]]
-                )
-                for g in r.get("groundings", [])
-            ]
-            s.vocabulary += r.get("vocabulary", [])
-            for ann_id, text in r.get("descriptions", {}).items():
-                image_id, index = b.ann_index.get(int(ann_id), (None, None))
-                if image_id != s.image_id:
-                    raise DatasetError(f"{where}: description for ann_id {ann_id} of another image or none")
-                s.objects[index].description = text
+
+
+def _read_jsonl(path: Path, b: _Builder, image_size) -> None:
+    for where, r in _jsonl_records(path):
+        if not isinstance(r, dict) or "image_id" not in r:
+            raise DatasetError(f"{where}: no image_id")
+        width, height = r.get("width"), r.get("height")
+        if r["image_id"] not in b.samples and (width is None or height is None) and r.get("file_name"):
+            width, height = image_size(r["file_name"])
+        s = b.image(r["image_id"], r.get("file_name"), width, height, where)
+        s.captions.update(r.get("captions", {}))
+        s.texts += [
+            TextItem(t["text"], _tuple(t["quad"], 8, where), _tuple(t["box"], 4, where)) for t in r.get("texts", [])
+        ]
+        s.qas += [QA(q["question"], q["answer"], q.get("answers", []), q.get("kind")) for q in r.get("qas", [])]
+        if r.get("label") is not None:
+            s.label = r["label"]
+        s.groundings += [
+            Grounding(g["caption"], [(p["phrase"], [_tuple(x, 4, where) for x in p["boxes"]]) for p in g["phrases"]])
+            for g in r.get("groundings", [])
+        ]
+        s.vocabulary += r.get("vocabulary", [])
+        for ann_id, text in r.get("descriptions", {}).items():
+            image_id, index = b.ann_index.get(int(ann_id), (None, None))
+            if image_id != s.image_id:
+                raise DatasetError(f"{where}: description for ann_id {ann_id} of another image or none")
+            s.objects[index].description = text
 
 
 def read_dataset(directory: str | Path) -> list[Sample]:
@@ -265,31 +268,23 @@ def read_florence2_jsonl(path: str | Path) -> list[Sample]:
     if not path.is_file():
         raise DatasetError(f"{path}: no such Florence-2 JSONL file")
     samples: dict[str, Sample] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
+    for where, r in _jsonl_records(path):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("image", "prefix", "suffix")):
+            raise DatasetError(f"{where}: a Florence-2 JSONL line needs string fields image, prefix and suffix")
+        match = _PREFIX_RE.fullmatch(r["prefix"])
+        token, text = (match.group(1), match.group(2)) if match else ("", r["prefix"])
+        task = tokens.get(token)
+        s = samples.get(r["image"])
+        if s is None:
+            image_path = path.parent / r["image"]
             try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("image", "prefix", "suffix")):
-                raise DatasetError(f"{where}: a Florence-2 JSONL line needs string fields image, prefix and suffix")
-            match = _PREFIX_RE.fullmatch(r["prefix"])
-            token, text = (match.group(1), match.group(2)) if match else ("", r["prefix"])
-            task = tokens.get(token)
-            s = samples.get(r["image"])
-            if s is None:
-                image_path = path.parent / r["image"]
-                try:
-                    width, height = _header_size(image_path.parent, image_path.name)
-                except (OSError, DatasetError):
-                    width = height = 0  # reported by the data check as a missing or unreadable image
-                s = samples[r["image"]] = Sample(
-                    image_id=r["image"], width=width, height=height, image_path=str(image_path), origin=where
-                )
-            s.pairs.append(PromptPair(task.name if task else token, text, r["suffix"], origin=where))
+                width, height = _header_size(image_path.parent, image_path.name)
+            except (OSError, DatasetError):
+                width = height = 0  # reported by the data check as a missing or unreadable image
+            s = samples[r["image"]] = Sample(
+                image_id=r["image"], width=width, height=height, image_path=str(image_path), origin=where
+            )
+        s.pairs.append(PromptPair(task.name if task else token, text, r["suffix"], origin=where))
     return list(samples.values())
 
 
