@@ -44,7 +44,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="precision"):
         load_config(p)
     p.write_text('[model]\npreset = "tiny"\ncheckpoint = "x"\n')
-    with pytest.raises(ConfigError, match="exactly one"):
+    with pytest.raises(ConfigError, match="not both"):
         load_config(p)
     p.write_text("[tasks]\nod = -1\n")
     with pytest.raises(ConfigError, match="od"):

@@ -14,6 +14,7 @@ expressions and answers, so the targets would no longer be true of the image.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable
 
@@ -62,11 +63,11 @@ def crop(sample: Sample, image, rng: random.Random):
     ch = max(ey2 - ey1, rng.uniform(0.6, 1.0) * H)
     x0 = int(rng.uniform(max(0.0, ex2 - cw), min(ex1, W - cw)))
     y0 = int(rng.uniform(max(0.0, ey2 - ch), min(ey1, H - ch)))
-    x1, y1 = min(W, x0 + round(cw)), min(H, y0 + round(ch))
+    x1, y1 = min(W, max(x0 + round(cw), math.ceil(ex2))), min(H, max(y0 + round(ch), math.ceil(ey2)))
     if (x0, y0, x1, y1) == (0, 0, W, H):
         return sample, image
     out = copy.deepcopy(sample, {id(sample.image): None})  # never copy the pixels
-    out.width, out.height = None, x1 - x0, y1 - y0
+    out.image, out.width, out.height = None, x1 - x0, y1 - y0
     for o in out.objects:
         o.box = tuple(_shift(o.box, x0, y0))
         o.polygons = [_shift(ring, x0, y0) for ring in o.polygons]
