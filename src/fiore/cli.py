@@ -27,9 +27,7 @@ def train(
         list[str] | None,
         typer.Option("--data", help="training source: dataset dir or Florence-2 JSONL (repeatable)"),
     ] = None,
-    val: Annotated[
-        list[str] | None, typer.Option("--val", help="validation source (repeatable)")
-    ] = None,
+    val: Annotated[list[str] | None, typer.Option("--val", help="validation source (repeatable)")] = None,
 ) -> None:
     """Train a model from a preset or fine-tune a checkpoint (torchrun for several processes / machines)."""
     from fiore.train.config import ConfigError, load_config, parse_override
