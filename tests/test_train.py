@@ -113,11 +113,19 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_keep_ranks_identical(tmp_path):
+@pytest.mark.parametrize("source", ["synthetic", "dataset"])
+def test_ddp_two_processes_keep_ranks_identical(tmp_path, source):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    port = {"synthetic": "29517", "dataset": "29518"}[source]
+    data = []
+    if source == "dataset":  # read from disk: each rank takes its own shard of the shuffled stream
+        from fiore.data.synthetic import write_dataset
+
+        write_dataset(tmp_path / "data", 24, seed=4)
+        data = ["--data", str(tmp_path / "data")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "fiore.cli", "train", str(SMOKE), "--set", f"train.out_dir={tmp_path}", "--set", "optim.steps=3",
-           "--set", "optim.grad_accum=2"]  # fmt: skip
+           "--set", "optim.grad_accum=2", *data]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sums = [r["param_sha256"] for r in records(tmp_path) if "param_sha256" in r]
