@@ -238,3 +238,34 @@ def test_tokenizer_files_travel_with_save(native, tmp_path):
     reloaded.save(tmp_path / "again")  # tokenizer loaded: it saves itself; processor files still come along
     assert (tmp_path / "again" / "preprocessor_config.json").exists()
     assert isinstance(fiore.load(tmp_path / "again").tokenizer, tokenizer.Tokenizer)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: b"", "is empty"),
+        (lambda b: b[: len(b) // 2], "corrupt or truncated"),  # cut mid-tensor
+        (lambda b: b"\xff" * 8 + b[8:], "corrupt or truncated"),  # header length garbled
+        (lambda b: b[:8] + b"{not json" + b[17:], "corrupt or truncated"),  # header text garbled
+    ],
+)
+def test_corrupt_weights_name_the_file(native, tmp_path, damage, message):
+    """A damaged model.safetensors is a CheckpointError naming the file, from the API and from the CLI."""
+    from typer.testing import CliRunner
+
+    from fiore.cli import app
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text((native[1] / "config.json").read_text())
+    (d / "model.safetensors").write_bytes(damage((native[1] / "model.safetensors").read_bytes()))
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(d)
+    assert str(d / "model.safetensors") in str(e.value)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    result = CliRunner().invoke(app, ["predict", str(image), "--task", "caption", "--model", str(d)])
+    flat = "".join(ch for ch in result.output if not ch.isspace() and ch not in "│╭╮╰╯─")  # rich wraps the box
+    assert result.exit_code != 0 and "model.safetensors" in flat and "Traceback" not in result.output

@@ -110,9 +110,24 @@ def original_to_native(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def _read_file(f: Path, loader=load_file):
+    """One weight file through `loader`, a CheckpointError naming the file when it is empty, truncated or garbled."""
+    if f.stat().st_size == 0:
+        raise CheckpointError(f"{f} is empty (0 bytes)")
+    try:
+        return loader(str(f))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and torch.load raise several types for truncated or garbled files
+        raise CheckpointError(f"{f} is corrupt or truncated: {type(e).__name__}: {e}") from None
+
+
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     def shards(index_file: Path) -> list[Path]:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index_file}: not a weight index (JSON with a weight_map): {e}") from None
         return [directory / name for name in sorted(set(weight_map.values()))]
 
     def load_bin(f: Path) -> dict[str, torch.Tensor]:
@@ -139,7 +154,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not f.exists():
             raise CheckpointError(f"weight shard {f} listed in the index is missing")
-        part = loader(str(f))
+        part = _read_file(f, loader)
         if not isinstance(part, dict):
             raise CheckpointError(f"{f} does not hold a state dict")
         tensors.update(part)
@@ -248,7 +263,7 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     _canonical_tied(state_dict)
     heads = directory / CONTRASTIVE_FILE
     if heads.exists():
-        state_dict.update({CONTRASTIVE_PREFIX + k: v for k, v in load_file(str(heads)).items()})
+        state_dict.update({CONTRASTIVE_PREFIX + k: v for k, v in _read_file(heads).items()})
     return config, state_dict
 
 
