@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fiore.config import ModelConfig, TextConfig, VisionConfig
+from fiore.files import save_tensors
 from fiore.model.florence import SHARED_KEY, TIED_KEYS, FlorenceModel
 
 # fiore's image-text heads (`FlorenceModel.contrastive`), stored beside the Florence-2 weights, unprefixed.
@@ -373,9 +374,9 @@ def save_checkpoint(model: FlorenceModel, config: ModelConfig, path: str | Path,
         for k in list(state_dict)
         if k.startswith(CONTRASTIVE_PREFIX)
     }
-    save_file(state_dict, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(state_dict, directory / "model.safetensors", metadata={"format": "pt"})
     if heads:
-        save_file(heads, str(directory / CONTRASTIVE_FILE), metadata={"format": "pt"})
+        save_tensors(heads, directory / CONTRASTIVE_FILE, metadata={"format": "pt"})
     else:
         (directory / CONTRASTIVE_FILE).unlink(missing_ok=True)
     (directory / "config.json").write_text(json.dumps(native_config(config, model.dtype), indent=2) + "\n")

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fiore.checkpoint import (
     _BART_DEFAULTS,
@@ -27,6 +26,7 @@ from fiore.checkpoint import (
     tokenizer_files,
 )
 from fiore.config import ModelConfig
+from fiore.files import save_tensors
 
 # Native key -> original key: ORIGINAL_TO_NATIVE read backwards (rules in reverse order, each one inverted).
 NATIVE_TO_ORIGINAL: list[tuple[str, str]] = [
@@ -137,7 +137,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "native") -> Path:
                 stacklevel=2,
             )
             state_dict = {k: v for k, v in state_dict.items() if k not in heads}
-        save_file(native_to_original(state_dict), str(dst / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(native_to_original(state_dict), dst / "model.safetensors", metadata={"format": "pt"})
         (dst / "config.json").write_text(json.dumps(original_config(config), indent=2) + "\n")
     for f in tokenizer_files(src):
         if f.name != "config.json":

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from fiore.files import honour_umask
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -80,6 +82,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
             json.dump(obj, f, ensure_ascii=False, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -48,10 +48,10 @@ def merged(wrapped) -> nn.Module:
 
 
 def save_adapters(wrapped, directory: Path) -> None:
-    from safetensors.torch import save_file
+    from fiore.files import save_tensors
 
     state = _peft().get_peft_model_state_dict(wrapped)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / ADAPTER_FILE))
+    save_tensors({k: v.detach().contiguous() for k, v in state.items()}, directory / ADAPTER_FILE)
 
 
 def load_adapters(wrapped, directory: Path) -> None:
