@@ -96,3 +96,39 @@ def test_instances_and_summary():
     assert summary(BOXES) == "2: star 0.90, disc 0.25"
     assert summary(Label("cat")) == "cat"
     assert summary(Boxes([], [], None)) == "nothing found"
+
+
+def test_coco_export_drops_degenerate_polygons_and_cocoeval_segm_runs():
+    """A 2-point polygon (a weak model's referring segmentation) is left out with a warning; what is written is
+    valid for pycocotools: segm COCOeval runs on it and scores the real polygon."""
+    pytest.importorskip("pycocotools", reason="pycocotools is the consumer under test (eval extra)")
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from fiore.draw import to_coco
+    from fiore.results import Polygons
+
+    square = [10.0, 10.0, 50.0, 10.0, 50.0, 50.0, 10.0, 50.0]
+    result = Polygons([[[5.0, 5.0, 30.0, 30.0]], [square, [1.0, 1.0, 2.0, 2.0]]], ["a", "a"], [0.9, 0.8])
+    with pytest.warns(UserWarning, match="1 instance"):
+        records = to_coco(result, 1, {"a": 1})
+    assert len(records) == 1 and records[0]["segmentation"] == [square]  # the 2-point ring of the second is gone
+    assert records[0]["area"] == pytest.approx(1600.0)
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [square], "area": 1600.0,
+                         "bbox": [10, 10, 40, 40], "iscrowd": 0}],
+    }  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes(records)
+        ev = COCOeval(gt, dt, "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)

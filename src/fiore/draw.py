@@ -7,6 +7,7 @@ Coordinates are pixels of the original image, x1, y1, x2, y2 (boxes) or flat x, 
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -191,7 +192,16 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
         has_geometry = any(getattr(result, n, None) is not None for n in ("boxes", "polygons", "quads", "phrases"))
         return [{"image_id": image_id, "caption": text}] if text is not None and not has_geometry else []
     records = []
+    degenerate = 0
     for inst in insts:
+        rings = []
+        if inst.kind != "box":
+            # A ring of fewer than 3 points has no area, and pycocotools reads a 4-number first ring as a box
+            # (annToMask and segm COCOeval then fail): such rings are dropped, and instances left with none.
+            rings = [list(r) for r in (inst.coords if inst.kind == "polygon" else [inst.coords]) if len(r) >= 6]
+            if not rings:
+                degenerate += 1
+                continue
         if inst.label not in categories:
             categories[inst.label] = max(categories.values(), default=0) + 1
         x1, y1, x2, y2 = bbox_of(inst)
@@ -205,10 +215,12 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
         if inst.kind == "box":
             rec["area"] = (x2 - x1) * (y2 - y1)
         else:
-            rings = inst.coords if inst.kind == "polygon" else [inst.coords]
-            rec["segmentation"] = [list(r) for r in rings]
+            rec["segmentation"] = rings
             rec["area"] = sum(_ring_area(r) for r in rings)
         records.append(rec)
+    if degenerate:
+        warnings.warn(f"image {image_id}: {degenerate} instance(s) left out of the COCO export: their polygons have "
+                      "fewer than 3 points", stacklevel=2)  # fmt: skip
     return records
 
 
