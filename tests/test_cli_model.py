@@ -97,3 +97,15 @@ def test_label_killed_mid_run_resumes_to_the_uninterrupted_answer(model_dir, tmp
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text()) == json.loads(reference.read_text())
     assert not journal.exists()
+
+
+def test_the_table_shows_truncation_and_file_names_as_written(tmp_path):
+    """rich would read "[truncated]" and "[red]" as markup and drop them: the table prints them as text."""
+    import shutil
+
+    image = tmp_path / "scene[red].png"
+    shutil.copy(SCENE, image)
+    result = runner.invoke(app, ["predict", str(image), "--task", "caption", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "scene[red].png" in "".join(result.output.split())  # the title may wrap
+    assert "[truncated]" in result.output

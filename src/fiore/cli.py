@@ -78,6 +78,7 @@ def predict(
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fiore.draw import plot, summary, to_coco
@@ -102,12 +103,13 @@ def predict(
     categories: dict[str, int] = {}
     for image_id, (path, image, jobs) in enumerate(loaded, start=1):
         results = run_jobs(florence, image, jobs, max_new_tokens)
-        table = Table(title=f"{path} ({image.width}x{image.height})")
+        # file names and answers are data, not rich markup ("scene[red].png", an answer ending "[truncated]")
+        table = Table(title=escape(f"{path} ({image.width}x{image.height})"))
         for column in ("task", "answer", "score"):
             table.add_column(column)
         for name, result in results.items():
             score = "" if result.score is None else f"{result.score:.3f}"
-            table.add_row(name, summary(result) + (" [truncated]" if result.truncated else ""), score)
+            table.add_row(name, escape(summary(result) + (" [truncated]" if result.truncated else "")), score)
         console.print(table)
         if out is None:
             continue
@@ -126,7 +128,7 @@ def predict(
         coco["categories"] = [{"id": i, "name": n} for n, i in categories.items()]
         (out / "coco.json").write_text(json.dumps(coco, indent=1, ensure_ascii=False) + "\n")
     if out is not None:
-        console.print(f"wrote {out}")
+        console.print(f"wrote {escape(str(out))}")
 
 
 @app.command()

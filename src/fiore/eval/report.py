@@ -109,6 +109,7 @@ class Report:
     def print(self, console=None) -> None:
         """One rich table per task."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console()
@@ -120,7 +121,7 @@ class Report:
                 table.add_row(f"[bold]{k}[/bold]" if k in t.headline else k, format_value(v))
             console.print(table)
             for m in t.error_messages:
-                console.print(f"  [red]error[/red] {m}")
+                console.print(f"  [red]error[/red] {escape(str(m))}")
 
 
 def format_value(v: Any) -> str:
