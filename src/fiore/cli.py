@@ -42,14 +42,26 @@ def train(
     except ConfigError as e:
         raise typer.BadParameter(str(e), param_hint="CONFIG / --set") from None
     from fiore.data.readers import DatasetError
+    from fiore.extras import MissingExtra
     from fiore.train.loop import train as run
 
     try:
         final = run(cfg, resume=resume)
-    except DatasetError as e:  # bad training data: the problems, not a traceback
+    except (DatasetError, MissingExtra) as e:  # bad training data or a missing extra: the message, no traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"final model: {final}")
+
+
+def _require(modules, what: str) -> None:
+    """Stop before any work when an optional dependency is missing, with the pip line that installs it."""
+    from fiore.extras import MissingExtra, require
+
+    try:
+        require(modules, what)
+    except MissingExtra as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _load_florence(model: str | None, device: str):
@@ -255,6 +267,7 @@ def serve(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
 ) -> None:
     """HTTP server: POST /v1/predict, GET /v1/tasks, a web page at /, OpenAPI at /docs."""
+    _require(["fastapi", "uvicorn", "multipart"], "fiore serve")
     from fiore.serve import ServeConfig
     from fiore.serve import serve as run
 
@@ -305,6 +318,9 @@ def eval_(
         task_list = resolve_tasks(None if tasks.strip() == "all" else tasks)
     except (KeyError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
+    from fiore.eval.scorers import required_modules
+
+    _require(required_modules(t.name for t in task_list), "fiore eval of these tasks")
     samples = samples[:limit] if limit is not None else samples
     if swap:
         try:

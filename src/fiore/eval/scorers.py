@@ -7,6 +7,7 @@ Which scorer a task gets is data (`SCORERS`); a task missing from the table is s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fiore.eval import metrics as M
@@ -91,6 +92,7 @@ class Scorer:
     """Collects examples of one task. `add` is called once per example with its (shared) prediction."""
 
     headline: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # optional modules the metrics import (fiore.extras)
 
     def __init__(self, java: bool = False):
         self.java = java
@@ -112,6 +114,7 @@ class DetectionScorer(Scorer):
     With text queries whose targets are single boxes (referring expressions) it adds acc@0.5 of the top box."""
 
     headline = ("mAP", "mAP50")
+    requires = ("pycocotools",)
     iou_type = "bbox"
     class_agnostic = False
 
@@ -151,6 +154,7 @@ class ReferringSegmentationScorer(Scorer):
     """Referring / region segmentation: mIoU, cIoU, and acc@0.5 of the boxes around predicted and true masks."""
 
     headline = ("mIoU", "cIoU")
+    requires = ("pycocotools",)
 
     def __init__(self, java: bool = False):
         super().__init__(java)
@@ -173,6 +177,7 @@ class CaptionScorer(Scorer):
     """CIDEr / BLEU over predictions; examples sharing an input (several reference captions) form one item."""
 
     headline = ("CIDEr", "BLEU-4")
+    requires = ("pycocoevalcap",)
 
     def __init__(self, java: bool = False):
         super().__init__(java)
@@ -330,6 +335,11 @@ _BY_TARGET = {
     "Label": Top1Scorer,
     "Text": CaptionScorer,
 }
+
+
+def required_modules(task_names: Iterable[str]) -> list[str]:
+    """The optional modules the metrics of these tasks import (to check before any model runs)."""
+    return list(dict.fromkeys(m for name in task_names if name in SCORERS for m in SCORERS[name].requires))
 
 
 def scorer_for(task_name: str, target: Any = None) -> type[Scorer]:

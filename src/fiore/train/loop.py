@@ -562,6 +562,7 @@ def train(config: TrainConfig, resume: bool = False, callback: Callable[[int, nn
     callback(step, model): called after every optimizer step (and its checkpoint, if one falls there); an exception
     raised there stops the run as a crash would (the resume tests use this).
     """
+    _preflight(config)
     memory.keep_freed_memory()  # activations on CPU: see fiore.train.memory (harmless on GPU)
     threads = torch.get_num_threads()
     if config.train.threads > 0:
@@ -579,9 +580,6 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     if not resume and checkpointing.latest(ckpt_root) is not None:
         ddp.cleanup(world)
         raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume or choose another out_dir")
-    if config.lora.r:
-        lora.require_peft()
-    _check_best_metric(config)
     # The data first: a bad dataset stops the run here, before any model is built or step taken.
     data = build_data(config, lambda samples: _replay(config, samples, out_dir, world))
     if config.optim.epochs > 0:
@@ -853,6 +851,19 @@ def _replay(config: TrainConfig, samples: list, out_dir: Path, world: ddp.World)
         del florence
     ddp.barrier(world)
     return read_replay(path, samples)
+
+
+def _preflight(config: TrainConfig) -> None:
+    """What the config asks for that is missing, found before any process group, data or model work."""
+    if config.lora.r:
+        lora.require_peft()
+    _check_best_metric(config)
+    if config.train.eval_every >= 0:  # the metrics' own dependencies, not at the first evaluation
+        from fiore.eval.scorers import required_modules
+        from fiore.extras import require
+
+        eval_tasks = config.train.eval_tasks or [n for phase in config.plan() for n in phase.tasks]
+        require(required_modules(eval_tasks), "evaluation during training ([train] eval_tasks)")
 
 
 def _check_best_metric(config: TrainConfig) -> None:

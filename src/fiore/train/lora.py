@@ -27,7 +27,9 @@ def _peft():
 
 def require_peft() -> None:
     """Fail before any work when [lora] is asked for and peft is missing."""
-    _peft()
+    from fiore.extras import require
+
+    require(["peft"], "LoRA fine-tuning ([lora])")
 
 
 def add_adapters(model: nn.Module, section: LoraSection):
