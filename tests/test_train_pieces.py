@@ -266,3 +266,18 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     checkpointing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), torch.rand(2), np.random.rand())
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_evaluation_budgets_follow_the_longest_held_out_target():
+    import fiore
+    from fiore.data.synthetic import make_sample
+    from fiore.train.loop import generation_budgets
+
+    tok = fiore.load().tokenizer
+    samples = [make_sample(5, i) for i in range(4)]
+    budgets = generation_budgets(samples, ["classify", "od", "ocr"], tok, cap=60)
+    od = fiore.tasks.get("od")
+    longest_od = max(len(tok.encode(od.target(e, s.size))) for s in samples for e in od.examples(s))
+    assert budgets["od"] == min(60, longest_od + 8)
+    assert budgets["classify"] <= 8 + 3  # one class name
+    assert generation_budgets(samples, ["od"], tok, cap=10) == {"od": 10}

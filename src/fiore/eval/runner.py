@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fiore.eval.report import Report, TaskReport
@@ -82,6 +82,10 @@ def _engine_run(florence, images: list, task_names: list[str], options: dict) ->
 
 def _engine_predict(florence, task, images: list, texts: list, regions: list, options: dict) -> list[Any]:
     kwargs = dict(options)
+    if isinstance(kwargs.get("max_new_tokens"), Mapping):  # per-task budgets
+        limit = kwargs.pop("max_new_tokens").get(task.name)
+        if limit is not None:
+            kwargs["max_new_tokens"] = limit
     if any(t is not None for t in texts):
         kwargs["text"] = texts
     if any(r is not None for r in regions):
@@ -132,13 +136,14 @@ def evaluate(
     progress: bool = True,
     java: bool = False,
     meta: dict[str, Any] | None = None,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | Mapping[str, int] | None = None,
     score_mode: str | None = None,
 ) -> Report:
     """Evaluate `florence` on `samples` (fiore.data.Sample) for `tasks` (names, Task objects, or None = all).
 
     `limit` caps the number of samples; `batch_size` is the number of images (input-less tasks) or prompts (tasks
-    with inputs) per engine call; `java` enables METEOR; `max_new_tokens` caps generation for every task (default:
+    with inputs) per engine call; `java` enables METEOR; `max_new_tokens` caps generation for every task, or per task
+    name as a dict (default:
     each task's own budget); `score_mode` picks the per-instance confidence formula ("loc" or "label_loc", see
     `fiore.tasks.parsers`; default: the engine's). `meta` is copied into the report. Returns the Report
     (`.save(path)` writes it).
@@ -149,7 +154,12 @@ def evaluate(
     samples = list(samples)[:limit] if limit is not None else list(samples)
     runs = {t.name: _TaskRun(t, java) for t in task_list}
     # Only options actually set are passed, so any engine with run/predict(images, task(s), text, region) works.
-    options = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
+    if max_new_tokens is None:
+        options = {}
+    elif isinstance(max_new_tokens, Mapping):
+        options = {"max_new_tokens": {name: int(n) for name, n in max_new_tokens.items()}}
+    else:
+        options = {"max_new_tokens": int(max_new_tokens)}
     if score_mode is not None:
         options["score_mode"] = score_mode
     records: list[dict[str, Any]] = []

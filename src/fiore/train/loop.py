@@ -461,6 +461,7 @@ class Evaluator:
     def __init__(self, config: TrainConfig, dataset: MixtureDataset, names: list[str], samples: list, inference_model):
         self.config = config
         self.inference_model = inference_model  # () -> the model to generate with (LoRA: adapters merged)
+        self._budgets: dict[str, int] = {}
         self.samples = samples  # dataset reads these, in order (the last batch wraps around)
         n = max(1, math.ceil(len(samples) / dataset.B))
         self.batches = [dataset[k] for k in range(n)]
@@ -505,16 +506,39 @@ class Evaluator:
         from fiore.florence import Florence
 
         t = self.config.train
-        samples = self.samples
+        tasks = t.eval_tasks or self.names
+        budgets = self.budgets(tasks, tokenizer)
         was_training = loss_module.training
         loss_module.eval()
         try:
             florence = Florence(self.inference_model(), model_config, tokenizer=tokenizer)
-            return evaluate(
-                florence, samples, t.eval_tasks or self.names, progress=False, max_new_tokens=t.max_target_tokens
-            )
+            progress = t.progress and sys.stderr.isatty()
+            if not progress:
+                print(f"evaluating {len(self.samples)} held-out images on {', '.join(tasks)}", file=sys.stderr)
+            return evaluate(florence, self.samples, tasks, progress=progress, max_new_tokens=budgets)
         finally:
             loss_module.train(was_training)
+
+    def budgets(self, tasks: list[str], tokenizer) -> dict[str, int]:
+        missing = [name for name in tasks if name not in self._budgets]
+        if missing:
+            cap = self.config.train.max_target_tokens
+            self._budgets.update(generation_budgets(self.samples, missing, tokenizer, cap))
+        return {name: self._budgets[name] for name in tasks}
+
+
+def generation_budgets(samples, tasks: list[str], tokenizer, cap: int, slack: int = 8) -> dict[str, int]:
+    """Generation budget per task for evaluating on `samples`: the longest target in tokens plus `slack`, at most
+    `cap`. An untrained model rarely stops by itself; each task's full budget (up to 1024 tokens) on every held-out
+    image turned a 2-minute smoke run into a quarter of an hour."""
+    import fiore.tasks
+
+    out = {}
+    for name in tasks:
+        task = fiore.tasks.get(name)
+        lengths = [len(tokenizer.encode(task.target(e, s.size))) for s in samples for e in task.examples(s)]
+        out[name] = min(cap, max(lengths, default=0) + slack)
+    return out
 
 
 class ImageRelianceGuard:
