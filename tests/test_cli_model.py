@@ -59,6 +59,10 @@ def test_label_with_real_model_then_rerun(model_dir, tmp_path):
     assert all(a["image_id"] in (1, 2, 3) and len(a["bbox"]) == 4 for a in coco["annotations"])
     r = runner.invoke(app, args)  # a finished run leaves no journal: rerunning relabels to the same answer
     assert r.exit_code == 0 and json.loads(out.read_text()) == coco
+    assert "skipped" not in r.output
+    (folder / "3.png").write_bytes(b"not an image")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "3 images" in r.output and "1 image(s) skipped" in r.output
 
 
 @pytest.mark.slow

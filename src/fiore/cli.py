@@ -188,7 +188,11 @@ def label(
             on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             max_new_tokens=max_new_tokens,
         )
-    typer.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    skipped = len(list_images(folder)) - len(coco["images"])  # unreadable images, each warned about above
+    typer.echo(
+        f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations"
+        + (f", {skipped} image(s) skipped (unreadable)" if skipped else "")
+    )
 
 
 @app.command()
