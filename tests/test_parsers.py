@@ -177,3 +177,12 @@ def test_text_score(tok):
     lps = [-5.0, -5.0] + [-0.5] * (len(pieces) - 3) + [-5.0]
     r = tasks.get("caption").parse("".join(pieces), (10, 10), token_logprobs=list(zip(pieces, lps, strict=True)))
     assert r.text == "a red car" and r.score == pytest.approx(math.exp(-0.5))
+
+
+def test_location_tokens_past_999_are_clamped_with_a_warning():
+    from fiore import tasks
+
+    result = tasks.get("od").parse("</s><s>car<loc_10><loc_20><loc_1200><loc_40></s>", (100, 100))
+    assert result.boxes == [[1.05, 2.05, 99.95, 4.05]]  # clamped to the last bin, as documented
+    assert any("<loc_1200>" in w for w in result.warnings)
+    assert tasks.get("od").parse("</s><s>car<loc_10><loc_20><loc_999><loc_40></s>", (100, 100)).warnings == []

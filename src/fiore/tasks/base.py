@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from fiore.results import Result
 from fiore.tasks import parsers
-from fiore.tasks.locations import LOC_RE, box_to_tokens, check_image_size
+from fiore.tasks.locations import LOC_RE, box_to_tokens, check_image_size, parse_locs
 
 if TYPE_CHECKING:
     from fiore.data.sample import Sample
@@ -141,7 +141,13 @@ class Task:
         """Raw decoded text (specials included, e.g. "</s><s>car<loc_1>...</s>") -> typed Result. Never raises on
         model output; see `fiore.tasks.parsers` for the score definitions."""
         p = parsers.make_input(text, image_size, token_logprobs, score_mode)
-        return self._parse(p, self.name)
+        result = self._parse(p, self.name)
+        past = [k for k in parse_locs(text) if k >= 1000]
+        if past:  # no model vocabulary has them, but a hand-written or foreign string may
+            result.warnings.append(
+                f"{len(past)} location token(s) past <loc_999> (first <loc_{past[0]}>) clamped to the image edge"
+            )
+        return result
 
     def examples(self, sample: Sample) -> list[Example]:
         """The (inputs, ground truth) pairs this task draws from `sample` (may be empty): from its annotations, and
