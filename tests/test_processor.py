@@ -137,3 +137,21 @@ def test_decompression_bomb_header_only():
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     with pytest.raises(ImageError, match="too large|over the limit"):
         load_image(bytes(data))
+
+
+def test_image_errors_name_the_source_once_and_never_a_repr(tmp_path):
+    import io
+
+    from typer.testing import CliRunner
+
+    from fiore.cli import app
+    from fiore.processor import ImageError, load_image
+
+    with pytest.raises(ImageError) as e:
+        load_image(io.BytesIO(b"garbage, not an image"))
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    result = CliRunner().invoke(app, ["predict", str(empty)])
+    flat = "".join(ch for ch in result.output if not ch.isspace() and ch not in "│╭╮╰╯─")  # rich wraps the box
+    assert result.exit_code != 0 and "emptyimagedata" in flat and flat.count("empty.png") == 1, flat

@@ -53,6 +53,12 @@ def train(
     typer.echo(f"final model: {final}")
 
 
+def _about(path, error: Exception) -> str:
+    """An error message that names `path` once (image errors already start with it)."""
+    message = str(error)
+    return message if str(path) in message else f"{path}: {message}"
+
+
 def _require(modules, what: str) -> None:
     """Stop before any work when an optional dependency is missing, with the pip line that installs it."""
     from fiore.extras import MissingExtra, require
@@ -107,7 +113,7 @@ def predict(
         except InputError as e:
             raise typer.BadParameter(str(e), param_hint="--task/--text/--region") from None
         except (OSError, ValueError) as e:
-            raise typer.BadParameter(f"{path}: {e}", param_hint="IMAGES") from None
+            raise typer.BadParameter(_about(path, e), param_hint="IMAGES") from None
     florence = _load_florence(model, device)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +256,7 @@ def zero_shot(
         try:
             result = florence.zero_shot(path, candidates, template=template)
         except ValueError as e:
-            raise typer.BadParameter(f"{path}: {e}", param_hint="IMAGES / --labels / --template") from None
+            raise typer.BadParameter(_about(path, e), param_hint="IMAGES / --labels / --template") from None
         second = f"{result.ranking[1][0]} {result.ranking[1][1]:.3f}" if len(result.ranking) > 1 else ""
         table.add_row(escape(path.name), escape(result.label), f"{result.score:.3f}", escape(second))
     Console().print(table)

@@ -55,7 +55,9 @@ def _open(data: bytes, what: str) -> Image.Image:
             return Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise ImageError(f"{what}: image is too large ({e})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError:  # its message shows the BytesIO's repr, which names nothing
+            raise ImageError(f"{what}: not an image format PIL can identify") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{what}: not a readable image ({e})") from None
 
 
