@@ -56,7 +56,7 @@ def _open(data: bytes, what: str) -> Image.Image:
         except Image.DecompressionBombError as e:
             raise ImageError(f"{what}: image is too large ({e})") from None
         except UnidentifiedImageError:  # its message shows the BytesIO's repr, which names nothing
-            raise ImageError(f"{what}: not an image format PIL can identify") from None
+            raise ImageError(f"{what}: not a readable image (no format PIL can identify)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{what}: not a readable image ({e})") from None
 
