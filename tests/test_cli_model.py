@@ -63,6 +63,10 @@ def test_label_with_real_model_then_rerun(model_dir, tmp_path):
     (folder / "3.png").write_bytes(b"not an image")
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "3 images" in r.output and "1 image(s) skipped" in r.output
+    journal = out.with_name(out.name + ".journal.jsonl")  # a journal left by a run with other options
+    journal.write_text(json.dumps({"fiore_label_journal": 1, "task": "ocr", "text": None, "model": "x"}) + "\n")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "same options or delete it" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.slow

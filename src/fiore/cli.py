@@ -183,17 +183,22 @@ def label(
     columns = (TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("label", total=None)
-        coco = label_folder(
-            florence,
-            folder,
-            out,
-            t.name,
-            text=text if t.inputs == "text" else None,
-            batch_size=batch_size,
-            threshold=threshold,
-            on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
-            max_new_tokens=max_new_tokens,
-        )
+        try:
+            coco = label_folder(
+                florence,
+                folder,
+                out,
+                t.name,
+                text=text if t.inputs == "text" else None,
+                batch_size=batch_size,
+                threshold=threshold,
+                on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                max_new_tokens=max_new_tokens,
+            )
+        except ValueError as e:  # e.g. a journal left by a run with other options
+            progress.stop()
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
     skipped = len(list_images(folder)) - len(coco["images"])  # unreadable images, each warned about above
     typer.echo(
         f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations"
