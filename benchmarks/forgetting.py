@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NEW_NAMES = {"noise": "star", "stripes": "circle", "solid": "square", "gradient": "triangle"}
 
 
-def relabel(directory: Path) -> None:
+def relabel(directory: Path, names: dict[str, str] = NEW_NAMES) -> None:
+    """Rename the classes in a fiore dataset's JSONL (a user's own label set)."""
     path = directory / "fiore.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
         if r.get("label"):
-            r["label"] = NEW_NAMES[r["label"]]
+            r["label"] = names[r["label"]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

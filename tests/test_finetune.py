@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ from fiore.train.config import ConfigError, load_config
 from fiore.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from forgetting import relabel  # noqa: E402  (the benchmark's relabelling: a user's own class names)
+
 SMOKE = ROOT / "configs" / "smoke.toml"
 FINETUNE = ROOT / "configs" / "finetune.toml"
 
@@ -139,26 +143,15 @@ def test_every_task_target_round_trips_and_florence2_pairs_train_verbatim(tmp_pa
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def relabel(directory: Path, names: dict[str, str]) -> None:
-    """Rename the classes in a fiore dataset's JSONL (a user's own label set)."""
-    path = directory / "fiore.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        if r.get("label"):
-            r["label"] = names[r["label"]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_finetune_the_shipped_model_on_a_directory_read_through_files(tmp_path, monkeypatch):
     """New class names for the background kinds (words the shipped tokenizer knows): the loop reads the dataset
     files (the generator is never called), the loss falls, the held-out loss falls and the held-out accuracy
     rises from the start model's; evaluations run at each epoch end and OUT/best holds the best one."""
     from fiore.eval.runner import evaluate
 
-    names = {"noise": "star", "stripes": "circle", "solid": "square", "gradient": "triangle"}
     for name, n, seed in (("train", 48, 11), ("val", 16, 12)):
         write_dataset(tmp_path / name, n, seed=seed)
-        relabel(tmp_path / name, names)
+        relabel(tmp_path / name)  # noise -> star, stripes -> circle, solid -> square, gradient -> triangle
     val = read_dataset(tmp_path / "val")
     start = evaluate(fiore.load(), val, ["classify"], progress=False).headline()["classify/top1"]
 
