@@ -117,3 +117,20 @@ def test_the_table_shows_truncation_and_file_names_as_written(tmp_path):
     assert result.exit_code == 0, result.output
     assert "scene[red].png" in "".join(result.output.split())  # the title may wrap
     assert "[truncated]" in result.output
+
+
+def test_max_pixels_is_an_option_of_predict_and_label(model_dir, tmp_path):
+    small = ["--model", str(model_dir), "--max-pixels", "1000", "--max-new-tokens", "2"]
+    r = runner.invoke(app, ["predict", str(SCENE), "--task", "caption", *small])
+    assert r.exit_code != 0 and "--max-pixels" in "".join(r.output.split())  # the message names the option
+    r = runner.invoke(app, ["predict", str(SCENE), "--task", "caption", "--model", str(model_dir), "--max-new-tokens",
+                            "2", "--max-pixels", str(356 * 314)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (20, 20)).save(folder / "small.png")
+    Image.new("RGB", (40, 40)).save(folder / "big.png")
+    out = tmp_path / "labels.json"
+    r = runner.invoke(app, ["label", str(folder), "--out", str(out), "--model", str(model_dir), "--max-pixels", "500",
+                            "--max-new-tokens", "2"])  # fmt: skip
+    assert r.exit_code == 0 and "1 image(s) skipped" in r.output, r.output

@@ -21,6 +21,18 @@ def png(w=64, h=48, colour=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header declaring width x height pixels, and no pixel data (a decompression bomb's signature)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def expected(data: bytes, task: str, text=None, region=None) -> dict:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     return answer(image, task, text, region).to_json()
@@ -105,6 +117,7 @@ def test_json_body_and_all(server):
         (dict(data={"task": "vqa", "text": "x" * 51}), 413, "limit of 50"),
         (dict(data={"task": "od"}, image=png(501, 500)), 413, "limit of 250000"),
         (dict(data={"task": "od"}, image=b"not an image"), 400, "cannot read image"),
+        (dict(data={"task": "od"}, image=bomb_png(30000, 30000)), 413, "too large"),  # past PIL's own limit
         (dict(data={"task": "od"}, image=png(1, 1)), 400, "each side must be at least"),
         (dict(data={"task": "od"}, image=b"\0" * 200_001), 413, "limit of 200000 bytes"),
     ],

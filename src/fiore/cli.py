@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from fiore.limits import DEFAULT_MAX_PIXELS
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="fiore: one vision model for many tasks.")
 
 
@@ -91,6 +93,7 @@ def predict(
     format: str = typer.Option("json", "--format", help="json (one file per image) or coco (one file)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images"),
 ) -> None:
     """Run tasks on images: a table on the terminal; annotated images and JSON in --out."""
     import json
@@ -108,7 +111,7 @@ def predict(
     loaded = []
     for path in images:
         try:
-            image = open_image(path)
+            image = open_image(path, max_pixels)
             loaded.append((path, image, make_jobs(task, text, region, image.size)))
         except InputError as e:
             raise typer.BadParameter(str(e), param_hint="--task/--text/--region") from None
@@ -160,6 +163,7 @@ def label(
     threshold: float = typer.Option(0.0, "--threshold", help="drop detections scoring below this"),
     device: str = typer.Option("cpu", "--device"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per image"),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="skip larger images"),
 ) -> None:
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -194,6 +198,7 @@ def label(
                 threshold=threshold,
                 on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
                 max_new_tokens=max_new_tokens,
+                max_pixels=max_pixels,
             )
         except ValueError as e:  # e.g. a journal left by a run with other options
             progress.stop()
@@ -276,7 +281,7 @@ def serve(
     max_wait_ms: float = typer.Option(10.0, "--max-wait-ms", min=0, help="wait for more requests to batch"),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="queued requests before answering 503"),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0),
-    max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", min=1),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images (413)"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="FIORE_API_KEY", help="require X-API-Key"),
     device: str = typer.Option("cpu", "--device"),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),

@@ -16,11 +16,12 @@ class InputError(ValueError):
     """Bad user input (unknown task, missing or malformed text/region); the message says what to fix."""
 
 
-def open_image(src: str | Path | bytes):
-    """RGB PIL image from a path or bytes, via `fiore.processor.load_image` (EXIF applied, clear errors)."""
-    from fiore.processor import load_image
+def open_image(src: str | Path | bytes, max_pixels: int | None = None):
+    """RGB PIL image from a path or bytes, via `fiore.processor.load_image` (EXIF applied, clear errors);
+    `max_pixels` default: fiore.processor.DEFAULT_MAX_PIXELS."""
+    from fiore.processor import DEFAULT_MAX_PIXELS, load_image
 
-    return load_image(src)
+    return load_image(src, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
 
 
 def parse_region(value) -> tuple[float, float, float, float] | None:

@@ -127,11 +127,13 @@ def label_folder(
     threshold: float = 0.0,
     on_progress: Callable[[int, int], None] | None = None,
     max_new_tokens: int | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
     """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
 
     Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch;
-    `max_new_tokens` caps generation per image (None: the task's own budget).
+    `max_new_tokens` caps generation per image (None: the task's own budget); `max_pixels` refuses larger images
+    (None: fiore.processor.DEFAULT_MAX_PIXELS).
     """
     from fiore.draw import to_coco
     from fiore.jobs import open_image, predict_batch
@@ -158,7 +160,7 @@ def label_folder(
         images, records, ok = [], [], []
         for name in names:
             try:
-                images.append(open_image(folder / name))
+                images.append(open_image(folder / name, max_pixels))
                 ok.append(name)
             except Exception as e:  # a broken file must not stop a thousand-image run
                 warnings.warn(f"skipping {name}: {e}", stacklevel=2)

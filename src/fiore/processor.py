@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fiore.limits import DEFAULT_MAX_PIXELS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; larger inputs are refused as possible decompression bombs
 MIN_SIDE = 2  # a 1x1 "image" is almost always an error (tracking pixel, failed download)
 DEFAULT_MAX_PROMPT_TOKENS = 256
 
@@ -68,7 +69,7 @@ def _check_size(im: Image.Image, what: str, max_pixels: int | None) -> None:
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
             f"{what}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-            "(a possible decompression bomb; raise max_pixels to allow it)"
+            "(a possible decompression bomb; raise the limit to allow it: --max-pixels, or max_pixels=)"
         )
 
 

@@ -17,6 +17,7 @@ import hmac
 import io
 import json
 import time
+import warnings
 from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+
+from fiore.limits import DEFAULT_MAX_PIXELS
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -35,7 +38,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
     max_queue: int = 64  # requests waiting; beyond this -> 503
     max_upload_bytes: int = 10 * 2**20  # whole request body
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_text_chars: int = 1000
     max_tasks: int = 16
     api_key: str | None = None
@@ -181,8 +184,12 @@ def decode_image(data: bytes, max_pixels: int):
     if not data:
         raise HTTPError(400, "image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+    except Image.DecompressionBombError as e:  # a header past PIL's own limit: too large, not malformed
+        raise HTTPError(413, f"image is too large ({e})") from None
     except Exception:
         w = h = 0  # not an image: load_image names the problem below
     if w * h > max_pixels:
