@@ -238,3 +238,18 @@ def test_50_concurrent_requests_batched_and_correct():
     assert max(sizes) > 1 and max(sizes) <= 8
     assert max(int(r.headers["x-fiore-batch-size"]) for r in responses) > 1
     assert max(n for _, n in fake.calls) > 1
+
+
+def test_duplicate_fields_and_truncated_multipart_bodies_are_named(server):
+    url, fake = server
+    two = [("image", ("a.png", png(), "image/png")), ("image", ("b.png", png(20, 20), "image/png"))]
+    r = httpx.post(f"{url}/v1/predict", files=two, data={"task": "od"})
+    assert r.status_code == 400 and '2 "image" fields' in r.json()["error"]
+    request = httpx.Request("POST", f"{url}/v1/predict", files={"image": ("x.png", png(), "image/png")},
+                            data={"task": "od"})  # fmt: skip
+    body = request.read()
+    headers = {"content-type": request.headers["content-type"]}
+    r = httpx.post(f"{url}/v1/predict", content=body[: len(body) - 40], headers=headers)
+    assert r.status_code == 400 and "truncated" in r.json()["error"]
+    assert httpx.post(f"{url}/v1/predict", content=body, headers=headers).status_code == 200
+    assert len(fake.calls) == 1  # only the whole request reached the engine

@@ -229,6 +229,15 @@ def validate(image, task_names: list[str], text, region, config: ServeConfig) ->
         raise HTTPError(400, str(e)) from None
 
 
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary named in a Content-Type header, if any."""
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            return value.strip('"').encode("latin-1")
+    return None
+
+
 async def parse_predict(request: Request, config: ServeConfig):
     """(image, task names, text, region) from a multipart form or a JSON body."""
     body = await read_body(request, config.max_upload_bytes)
@@ -238,10 +247,16 @@ async def parse_predict(request: Request, config: ServeConfig):
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
 
+        boundary = _boundary(ctype)
+        if boundary is not None and b"--" + boundary + b"--" not in body:
+            raise HTTPError(400, "multipart body is truncated: its closing boundary is missing")
         try:
             form = await Request(request.scope, replay).form(max_part_size=config.max_upload_bytes)
         except Exception as e:
             raise HTTPError(400, f"malformed multipart form: {e}") from None
+        for field_name in ("image", "text", "region"):
+            if len(form.getlist(field_name)) > 1:
+                raise HTTPError(400, f'{len(form.getlist(field_name))} "{field_name}" fields; a request takes one')
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise HTTPError(400, 'missing file field "image" (the server does not fetch URLs)')
