@@ -132,3 +132,45 @@ def test_coco_export_drops_degenerate_polygons_and_cocoeval_segm_runs():
         ev.accumulate()
         ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
+
+
+# One answer per task that supervision's Florence-2 parser reads (its SUPPORTED_TASKS_FLORENCE_2).
+FROM_VLM_ANSWERS = {
+    "od": "car<loc_100><loc_200><loc_300><loc_400>dog<loc_500><loc_500><loc_900><loc_900>",
+    "dense_region_caption": "a red car<loc_100><loc_200><loc_300><loc_400>",
+    "region_proposal": "<loc_100><loc_200><loc_300><loc_400><loc_10><loc_20><loc_30><loc_40>",
+    "caption_to_phrase_grounding": "a car<loc_100><loc_200><loc_300><loc_400>a dog<loc_5><loc_6><loc_70><loc_80>",
+    "open_vocabulary_detection": "car<loc_100><loc_200><loc_300><loc_400>",
+    "ocr_with_region": "HI<loc_100><loc_200><loc_300><loc_210><loc_290><loc_400><loc_90><loc_390>"
+    "YO<loc_500><loc_500><loc_600><loc_500><loc_600><loc_550><loc_500><loc_550>",
+    "referring_expression_segmentation": "<loc_100><loc_200><loc_300><loc_200><loc_300><loc_400><loc_100><loc_400>",
+    "region_to_segmentation": "<loc_100><loc_200><loc_300><loc_200><loc_300><loc_400><loc_100><loc_400>"
+    "<sep><loc_500><loc_500><loc_600><loc_600>",  # a 2-point part: no area, left out by both
+    "region_to_category": "car<loc_100><loc_200><loc_300><loc_400>",
+    "region_to_description": "a red car<loc_100><loc_200><loc_300><loc_400>",
+}
+
+
+@pytest.mark.parametrize("task_name", sorted(FROM_VLM_ANSWERS))
+def test_to_supervision_is_as_complete_as_from_vlm(task_name):
+    """Side by side with `sv.Detections.from_vlm(sv.VLM.FLORENCE_2, result.to_florence(), ...)`: the same boxes
+    (to a pixel: supervision rounds polygon vertices to integers), labels, masks and quads; fiore adds scores."""
+    sv = pytest.importorskip("supervision", reason="supervision is the reference here (dev extra)")
+    import numpy as np
+
+    from fiore import tasks
+
+    size = (200, 100)
+    result = tasks.get(task_name).parse("</s><s>" + FROM_VLM_ANSWERS[task_name] + "</s>", size)
+    theirs = sv.Detections.from_vlm(sv.VLM.FLORENCE_2, result.to_florence(), resolution_wh=size)
+    ours = result.to_supervision(resolution_wh=size)
+    assert len(ours) == len(theirs) > 0
+    assert np.allclose(ours.xyxy, theirs.xyxy, atol=1.0), (ours.xyxy, theirs.xyxy)
+    if "class_name" in theirs.data:
+        assert ours.data["class_name"].tolist() == theirs.data["class_name"].tolist()
+    for key in theirs.data:
+        if key != "class_name":
+            assert np.allclose(ours.data[key], theirs.data[key]), key
+    if theirs.mask is not None:
+        assert ours.mask is not None and np.array_equal(ours.mask, theirs.mask)
+    assert ours.confidence is not None and len(ours.confidence) == len(ours)

@@ -224,30 +224,71 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
     return records
 
 
-def supervision_arrays(result) -> dict:
+def _region_answer(result, resolution_wh) -> Instance | None:
+    """Region to category / description answers echo their region (`car<loc_52>...<loc_774>`): that box."""
+    from fiore.tasks.locations import LOC_RE, tokens_to_points
+
+    raw = getattr(result, "raw", None)
+    label = result_text(result)
+    if resolution_wh is None or not isinstance(raw, str) or label is None:
+        return None
+    locs = [int(k) for k in LOC_RE.findall(raw)]
+    if len(locs) != 4:
+        return None
+    return Instance("box", tokens_to_points(locs, resolution_wh), label, _float_or_none(result.score))
+
+
+def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> dict:
     """The arrays `supervision.Detections` is built from: xyxy (n, 4) float32, confidence (n,) float32 (NaN where
-    a score is missing), class_id (n,) int, and data["class_name"] (n,) str; class ids follow first appearance."""
+    a score is missing), class_id (n,) int, data["class_name"] (n,) str (class ids follow first appearance); for
+    polygon results mask (n, h, w) bool (needs `resolution_wh`), for quads data["xyxyxyxy"] (n, 4, 2), as
+    supervision's own `Detections.from_vlm` makes them. Polygon rings of fewer than 3 points are left out (of the
+    mask and the box), and instances left without any, as from_vlm does; with `resolution_wh`, region to category /
+    description answers give their region's box."""
     import numpy as np
 
     insts = instances(result)
+    if not insts and (region := _region_answer(result, resolution_wh)) is not None:
+        insts = [region]
+    insts = [
+        Instance(i.kind, [r for r in i.coords if len(r) >= 6], i.label, i.score) if i.kind == "polygon" else i
+        for i in insts
+    ]
+    insts = [i for i in insts if i.kind != "polygon" or i.coords]
     names: dict[str, int] = {}
     for inst in insts:
         names.setdefault(inst.label, len(names))
-    return {
+    arrays = {
         "xyxy": np.array([bbox_of(i) for i in insts], dtype=np.float32).reshape(-1, 4),
         "confidence": np.array([np.nan if i.score is None else i.score for i in insts], dtype=np.float32),
         "class_id": np.array([names[i.label] for i in insts], dtype=int),
         "data": {"class_name": np.array([i.label for i in insts], dtype=str)},
     }
+    if insts and all(i.kind == "quad" for i in insts):
+        arrays["data"]["xyxyxyxy"] = np.array([i.coords for i in insts], dtype=np.float32).reshape(-1, 4, 2)
+    if insts and any(i.kind == "polygon" for i in insts):
+        if resolution_wh is None:
+            raise ValueError("polygon results need resolution_wh=(width, height) of the image for their masks")
+        import supervision as sv
+
+        w, h = (int(v) for v in resolution_wh)
+        masks = np.zeros((len(insts), h, w), dtype=bool)
+        for n, inst in enumerate(insts):
+            for ring in inst.coords if inst.kind == "polygon" else []:
+                points = np.asarray(ring, dtype=np.float32).reshape(-1, 2).astype(np.int32)
+                masks[n] |= sv.polygon_to_mask(points, (w, h)).astype(bool)
+        arrays["mask"] = masks
+    return arrays
 
 
-def to_supervision(result):
-    """A `supervision.Detections` (optional dependency: `pip install supervision`)."""
+def to_supervision(result, resolution_wh: tuple[int, int] | None = None):
+    """A `supervision.Detections` (optional dependency: `pip install supervision`); `resolution_wh` = the image's
+    (width, height), needed for polygon masks and region answers (as `Detections.from_vlm` needs it)."""
     try:
         import supervision as sv
     except ImportError:
         raise ImportError("to_supervision needs the optional package `supervision`: pip install supervision") from None
-    return sv.Detections(**supervision_arrays(result))
+    return sv.Detections(**supervision_arrays(result, resolution_wh))
 
 
 def summary(result, limit: int = 6) -> str:

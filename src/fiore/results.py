@@ -50,11 +50,12 @@ class Result:
 
         return to_coco(self, image_id, categories)
 
-    def to_supervision(self):
-        """A `supervision.Detections` (needs the optional `supervision` package)."""
+    def to_supervision(self, resolution_wh: tuple[int, int] | None = None):
+        """A `supervision.Detections` (needs the optional `supervision` package); `resolution_wh` = the image's
+        (width, height): polygon results need it for their masks, region answers for their box."""
         from fiore.draw import to_supervision
 
-        return to_supervision(self)
+        return to_supervision(self, resolution_wh)
 
     def plot(self, image=None, **kwargs):
         """PIL RGB image: `image` with boxes / polygons / quads, labels and scores (and any text) drawn."""
