@@ -33,7 +33,13 @@ class Florence:
     def load(
         cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Florence:
-        """Load a checkpoint directory (either Florence-2 format); no path = the model shipped with fiore."""
+        """Load a checkpoint directory (either Florence-2 format) or a Hugging Face repository id such as
+        "microsoft/Florence-2-base" (from huggingface_hub's cache, downloaded when allowed: `fiore.hub`); no path =
+        the model shipped with fiore."""
+        from fiore import hub
+
+        if path is not None and hub.looks_like_repo_id(path):
+            path = hub.resolve(str(path))
         if path is None:
             path = default_model_dir()
             if not (path / "config.json").exists():
