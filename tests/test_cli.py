@@ -83,7 +83,7 @@ def test_predict_all_inputs_and_coco(fake, tmp_path):
         (["-t", "caption_to_phrase_grounding"], "needs text"),
         (["-t", "region_to_category"], "needs a region"),
         (["-t", "region_to_category", "--region", "1,2,3"], "four finite numbers"),
-        (["-t", "region_to_category", "--region", "0,0,999,10"], "outside the 356x314 image"),
+        (["-t", "region_to_category", "--region", "400,0,999,10"], "outside the 356x314 image"),
         (["-t", "od", "--format", "xml"], "unknown format 'xml'"),
     ],
 )

@@ -113,7 +113,7 @@ def test_json_body_and_all(server):
         (dict(data={"task": "region_to_category"}), 400, "needs a region"),
         (dict(data={"task": "region_to_category", "region": "1,2,3"}), 400, "four"),
         (dict(data={"task": "region_to_category", "region": "10,10,5,20"}), 400, "x1 < x2"),
-        (dict(data={"task": "region_to_category", "region": "0,0,65,10"}), 400, "outside the 64x48 image"),
+        (dict(data={"task": "region_to_category", "region": "65,0,70,10"}), 400, "outside the 64x48 image"),
         (dict(data={"task": "vqa", "text": "x" * 51}), 413, "limit of 50"),
         (dict(data={"task": "od"}, image=png(501, 500)), 413, "limit of 250000"),
         (dict(data={"task": "od"}, image=b"not an image"), 400, "cannot read image"),
@@ -253,3 +253,18 @@ def test_duplicate_fields_and_truncated_multipart_bodies_are_named(server):
     assert r.status_code == 400 and "truncated" in r.json()["error"]
     assert httpx.post(f"{url}/v1/predict", content=body, headers=headers).status_code == 200
     assert len(fake.calls) == 1  # only the whole request reached the engine
+
+
+def test_a_region_partly_outside_is_clamped_as_in_the_api(server):
+    """CLI, server and Python API share one rule: a region must overlap the image; what overshoots is clamped."""
+    from fiore import tasks
+
+    url, _ = server
+    r = httpx.post(f"{url}/v1/predict", files={"image": ("x.png", png(), "image/png")},
+                   data={"task": "region_to_category", "region": "0,0,65,10"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    r2c = tasks.get("region_to_category")
+    assert r2c.prompt(region=[0, 0, 65, 10], image_size=(64, 48)) == r2c.prompt(region=[0, 0, 64, 10],
+                                                                                 image_size=(64, 48))  # fmt: skip
+    with pytest.raises(tasks.TaskInputError, match="outside"):
+        r2c.prompt(region=[65, 0, 70, 10], image_size=(64, 48))

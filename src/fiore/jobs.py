@@ -70,7 +70,9 @@ def make_jobs(task_names: Sequence[str], text: str | None, region, image_size: t
     text = (text.strip() or None) if text is not None else None
     region = parse_region(region)
     W, H = image_size
-    if region is not None and (region[0] < 0 or region[1] < 0 or region[2] > W or region[3] > H):
+    # The API's rule (Task.region_tokens): a region must overlap the image; a part beyond an edge is clamped there
+    # by quantization, as official checkpoints' processor does (a detector's box often overshoots by a pixel).
+    if region is not None and (region[2] < 0 or region[3] < 0 or region[0] > W or region[1] > H):
         raise InputError(f"region {list(region)} lies outside the {W}x{H} image")
     jobs = []
     for t in expand_tasks(task_names):
