@@ -95,6 +95,13 @@ def bbox_of(inst: Instance) -> list[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
+def _area_rings(inst: Instance) -> list[list[float]]:
+    """The rings of a polygon or quad instance that can have an area (3+ points). Fewer read as a box to
+    pycocotools and draw nothing in a mask, so exports leave them out (supervision's from_vlm does too)."""
+    rings = inst.coords if inst.kind == "polygon" else [inst.coords]
+    return [list(r) for r in rings if len(r) >= 6]
+
+
 def _ring_area(ring: list[float]) -> float:
     xs, ys = ring[0::2], ring[1::2]
     n = len(xs)
@@ -196,9 +203,7 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
     for inst in insts:
         rings = []
         if inst.kind != "box":
-            # A ring of fewer than 3 points has no area, and pycocotools reads a 4-number first ring as a box
-            # (annToMask and segm COCOeval then fail): such rings are dropped, and instances left with none.
-            rings = [list(r) for r in (inst.coords if inst.kind == "polygon" else [inst.coords]) if len(r) >= 6]
+            rings = _area_rings(inst)  # instances left with none are dropped (annToMask / segm COCOeval fail)
             if not rings:
                 degenerate += 1
                 continue
@@ -250,10 +255,7 @@ def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> 
     insts = instances(result)
     if not insts and (region := _region_answer(result, resolution_wh)) is not None:
         insts = [region]
-    insts = [
-        Instance(i.kind, [r for r in i.coords if len(r) >= 6], i.label, i.score) if i.kind == "polygon" else i
-        for i in insts
-    ]
+    insts = [Instance(i.kind, _area_rings(i), i.label, i.score) if i.kind == "polygon" else i for i in insts]
     insts = [i for i in insts if i.kind != "polygon" or i.coords]
     names: dict[str, int] = {}
     for inst in insts:

@@ -204,6 +204,14 @@ class TrainConfig:
                     phase.tasks.setdefault(name, replay.weight)
         return phases
 
+    def task_names(self) -> list[str]:
+        """Every task of any phase (replayed ones included), in order of first appearance."""
+        return list(dict.fromkeys(n for phase in self.plan() for n in phase.tasks))
+
+    def eval_task_names(self) -> list[str]:
+        """The tasks evaluations generate for: [train] eval_tasks, default every training task."""
+        return list(self.train.eval_tasks or self.task_names())
+
     def phase_ends(self) -> list[int]:
         """The optimizer step at which each phase ends (the last one at optim.steps)."""
         return [round(p.end * self.optim.steps) for p in self.plan()]

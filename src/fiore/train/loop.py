@@ -506,7 +506,7 @@ class Evaluator:
         from fiore.florence import Florence
 
         t = self.config.train
-        tasks = t.eval_tasks or self.names
+        tasks = self.config.eval_task_names()
         budgets = self.budgets(tasks, tokenizer)
         was_training = loss_module.training
         loss_module.eval()
@@ -658,7 +658,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
 
     processor = Processor(tokenizer, model_config.image_size)
     plan, ends = config.plan(), config.phase_ends()
-    names = list(dict.fromkeys(n for phase in plan for n in phase.tasks))  # every task of any phase, in order
+    names = config.task_names()  # every task of any phase, in order
     # replayed tasks the user does not train: learnt from the start model's answers only
     own = set(config.tasks) | {n for phase in config.phases for n in phase.tasks}
     replay_only = [n for n in config.data.replay.tasks if n not in own] if config.data.replay.weight > 0 else []
@@ -886,8 +886,7 @@ def _preflight(config: TrainConfig) -> None:
         from fiore.eval.scorers import required_modules
         from fiore.extras import require
 
-        eval_tasks = config.train.eval_tasks or [n for phase in config.plan() for n in phase.tasks]
-        require(required_modules(eval_tasks), "evaluation during training ([train] eval_tasks)")
+        require(required_modules(config.eval_task_names()), "evaluation during training ([train] eval_tasks)")
 
 
 def _check_best_metric(config: TrainConfig) -> None:
@@ -897,8 +896,7 @@ def _check_best_metric(config: TrainConfig) -> None:
     metric, t = config.train.best_metric, config.train
     if not metric or metric.startswith("val_loss"):
         return
-    tasks = t.eval_tasks or list(dict.fromkeys(n for phase in config.plan() for n in phase.tasks))
-    known = [f"{name}/{key}" for name in tasks for key in scorer_for(name).headline]
+    known = [f"{name}/{key}" for name in config.eval_task_names() for key in scorer_for(name).headline]
     if metric not in known:
         raise ValueError(f"[train] best_metric {metric!r} is not measured; choose val_loss or one of {known}")
     if t.eval_every < 0:
