@@ -98,13 +98,9 @@ class Sample:
         return (self.width, self.height)
 
     def load_image(self):
-        """The image as RGB PIL, loading it from `image_path` when not in memory."""
+        """The image as RGB PIL, loading it from `image_path` (and keeping it) when not in memory."""
         if self.image is None:
-            if self.image_path is None:
-                raise ValueError(f"sample {self.image_id!r} has neither an image nor an image_path")
-            from fiore.processor import load_image
-
-            self.image = load_image(self.image_path)
+            self.image = self.read_image()
         return self.image
 
     def read_image(self):
