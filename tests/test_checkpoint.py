@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from florence_oracle import NATIVE_VOCAB, hf_inputs, hf_model, native_to_original, original_config, prompt_ids
+from reference_files import TOKENIZER_DIR, needs_tokenizer_files
 from safetensors.torch import load_file, save_file
 
 import fiore
@@ -19,7 +20,6 @@ from fiore.model import SHARED_KEY, FlorenceModel
 
 transformers = pytest.importorskip("transformers", reason="transformers is the numerical oracle (dev extra)")
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
 CONFIG = preset("tiny").replace(text={"vocab_size": NATIVE_VOCAB})
 
 
@@ -220,9 +220,8 @@ def test_checkpoint_without_tokenizer_loads_but_tokenizer_raises(native):
         _ = florence.processor
 
 
+@needs_tokenizer_files
 def test_tokenizer_files_travel_with_save(native, tmp_path):
-    if not TOKENIZER_DIR.exists():
-        pytest.skip(f"official tokenizer reference files not found at {TOKENIZER_DIR}")
     src = tmp_path / "with_tok"
     src.mkdir()
     for f in native[1].iterdir():
@@ -232,7 +231,8 @@ def test_tokenizer_files_travel_with_save(native, tmp_path):
     florence = fiore.load(src)
     florence.save(tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (TOKENIZER_DIR / "tokenizer.json").read_bytes()
-    tokenizer = pytest.importorskip("fiore.tokenizer", reason="fiore.tokenizer not written yet")
+    from fiore import tokenizer
+
     reloaded = fiore.load(tmp_path / "out")
     assert isinstance(reloaded.tokenizer, tokenizer.Tokenizer)
     reloaded.save(tmp_path / "again")  # tokenizer loaded: it saves itself; processor files still come along

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from reference_files import TOKENIZER_DIR
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -259,7 +260,7 @@ def test_lora_on_an_original_format_base_checkpoint_loads_in_transformers(tmp_pa
     from fiore.config import preset
     from fiore.model import SHARED_KEY, FlorenceModel
 
-    tokenizer_dir = ROOT.parent / "shared" / "reference" / "florence2-tokenizer"
+    tokenizer_dir = TOKENIZER_DIR
     config = preset("base").replace(text={"vocab_size": NATIVE_VOCAB}, image_size=(192, 192))
     torch.manual_seed(0)
     model = FlorenceModel(config)

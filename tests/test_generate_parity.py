@@ -8,11 +8,10 @@ ngram ban, beam reordering and padded batches.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from florence_oracle import NATIVE_VOCAB, hf_inputs, hf_model, prompt_ids
+from reference_files import TOKENIZER_DIR, needs_tokenizer_files
 
 import fiore
 from fiore.checkpoint import build_model
@@ -23,7 +22,6 @@ from fiore.model import TIED_KEYS
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (dev dependency)")
 
 STEPS = 30
-TOKENIZER_DIR = Path("/work/shared/reference/florence2-tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def test_tiny_beam_options_match_transformers(tiny):
     assert got == want
 
 
-@pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"official tokenizer files absent ({TOKENIZER_DIR})")
+@needs_tokenizer_files
 def test_predict_matches_transformers_with_official_tokenizer(tiny, tmp_path):
     """The whole `Florence.predict` path (processor prompt ids, forced settings) against transformers."""
     from PIL import Image

@@ -8,19 +8,19 @@ token) is clamped to bin 999 (native extrapolates).
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference_files import TOKENIZER_DIR, needs_tokenizer_files
 
 from fiore import tasks
 from fiore.processor import Processor
 from fiore.tasks.parsers import BANNED_GROUNDING_PHRASES
 from fiore.tokenizer import FLORENCE_TOKENS, Tokenizer
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"reference tokenizer files absent at {REF}")
+REF = TOKENIZER_DIR
+pytestmark = needs_tokenizer_files
 
 ASCII_STRIPPED = {"bboxes_labels", "labels"}  # keys whose strings native reduces to ASCII (boxes, grounding)
 

@@ -3,17 +3,17 @@
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_files import TOKENIZER_DIR, needs_tokenizer_files
 
 from fiore.processor import ImageError, Processor, load_image
 from fiore.tokenizer import Tokenizer
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
+REF = TOKENIZER_DIR
 RNG = np.random.RandomState(0)
 
 
@@ -28,7 +28,7 @@ def tok():
     return Tokenizer.train(["what does the image describe? a red star"] * 10, vocab_size=300)
 
 
-@pytest.mark.skipif(not REF.is_dir(), reason=f"reference preprocessor_config.json absent at {REF}")
+@needs_tokenizer_files
 @pytest.mark.parametrize("hw", [(480, 640), (1000, 333), (768, 768)])
 def test_pixel_values_bit_identical(tok, hw):
     pytest.importorskip("transformers")

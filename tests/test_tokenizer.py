@@ -2,13 +2,13 @@
 
 import json
 import random
-from pathlib import Path
 
 import pytest
+from reference_files import TOKENIZER_DIR, needs_tokenizer_files
 
 from fiore.tokenizer import BASE_SPECIALS, FLORENCE_TOKENS, IMAGE, MASK, Tokenizer
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
+REF = TOKENIZER_DIR
 CORPUS = [
     "a red star next to a blue circle",
     "the large green square is above the small yellow triangle",
@@ -78,7 +78,7 @@ def test_vocab_merges_files(trained, tmp_path):
     assert loaded.loc_id(7) == trained.loc_id(7)
 
 
-needs_ref = pytest.mark.skipif(not REF.is_dir(), reason=f"reference tokenizer files absent at {REF}")
+needs_ref = needs_tokenizer_files
 
 
 @needs_ref
