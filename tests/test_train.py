@@ -3,6 +3,7 @@ an interrupted-and-resumed run ends bit-identical to an unbroken one, and DDP ra
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fiore
 from fiore.train import checkpointing
@@ -134,19 +137,21 @@ def test_ddp_two_processes_keep_ranks_identical(tmp_path, source):
     assert fiore.load(tmp_path / "final").model is not None
 
 
-def _loss_inputs(vocab: int, B: int = 2, K: int = 2, size: int = 64):
+def _loss_inputs(vocab: int, lengths=(4, 7, 7, 7), B: int = 2, size: int = 64):
+    """Rows of 2 tasks over B images; row r's target is lengths[r] tokens, the rest padding (-100)."""
     g = torch.Generator().manual_seed(0)
-    R = B * K
-    labels = torch.randint(4, vocab, (R, 7), generator=g)
-    labels[0, 4:] = -100  # a shorter row: padding is ignored
+    R = len(lengths)
+    labels = torch.randint(4, vocab, (R, max(lengths)), generator=g)
+    for row, n in enumerate(lengths):
+        labels[row, n:] = -100
     return (
         torch.randn(B, 3, size, size, generator=g),
-        torch.arange(B).repeat_interleave(K),
+        torch.arange(B).repeat_interleave(R // B),
         torch.randint(4, vocab, (R, 5), generator=g),
         torch.ones(R, 5, dtype=torch.bool),
         torch.cat([torch.full((R, 1), 2), labels[:, :-1].clamp_min(1)], dim=1),
         labels,
-        torch.tensor([0, 1] * B),
+        torch.arange(R) % 2,
     )
 
 
@@ -157,29 +162,84 @@ def _smoke_model():
     m = load_config(SMOKE).model
     cfg = preset("tiny").replace(text={**m.text, "vocab_size": 500}, vision=dict(m.vision), image_size=m.image_size)
     torch.manual_seed(0)
-    return FlorenceModel(cfg).train()
+    return FlorenceModel(cfg).eval()  # eval: no dropout, so differently batched forwards are comparable
 
 
-def test_gradient_checkpointing_and_grouped_decoding_give_the_same_gradients():
-    from fiore.train.loop import MultiTaskLoss
-
-    x = _loss_inputs(500)
-    grads = []
-    for ckpt, groups in ((False, 1), (True, 1), (False, 3)):
-        model = _smoke_model()
-        model.set_gradient_checkpointing(ckpt)
-        loss, _, tokens = MultiTaskLoss(model, [1.0, 2.0], decode_groups=groups)(*x)
-        loss.backward()
-        assert tokens.sum() == (x[5] != -100).sum()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+def _reference_loss(model, x, weights):
+    """The multi-task loss written plainly: one padded forward per row, F.cross_entropy per task, sum_t w_t L_t /
+    sum_t w_t."""
+    pixel_values, image_index, input_ids, attention_mask, decoder_input_ids, labels, task_index = x
+    logits = model(pixel_values[image_index], input_ids, decoder_input_ids, attention_mask)
+    per_task = [
+        F.cross_entropy(logits[task_index == t].flatten(0, 1), labels[task_index == t].flatten(), ignore_index=-100)
+        for t in range(len(weights))
+    ]
+    w = torch.tensor(weights)
+    return (w * torch.stack(per_task)).sum() / w.sum()
 
 
-def test_bf16_autocast_step_runs():
-    from fiore.train.loop import MultiTaskLoss
+def test_length_groups_split_only_where_it_saves_decoder_work():
+    from fiore.train.loop import length_groups
+
+    assert length_groups([3] * 8, 4) == [8]  # equal lengths: nothing to save
+    assert length_groups([2, 2, 2, 2, 30, 30, 30, 30], 4) == [4, 4]  # two lengths: two groups, not four
+    assert length_groups([2, 2, 2, 2, 30, 30, 30, 30], 1) == [8]  # never more than asked
+    # 3 groups pad to 3*3 + 3*6 + 2*40 = 107 tokens (x1.2 for two extra calls) against 4 groups' 104 (x1.3)
+    assert length_groups([1, 2, 3, 4, 5, 6, 7, 40], 4) == [3, 3, 2]
+    assert length_groups([4, 7, 7, 7], 3) == [4]
+
+
+def test_grouped_decoding_and_gradient_checkpointing_give_the_plain_loss_and_gradients():
+    from fiore.train.loop import MultiTaskLoss, length_groups
+
+    weights = [1.0, 2.0]
+    x = _loss_inputs(500, lengths=(2, 20, 3, 12, 5, 9), B=2)
+    assert len(length_groups(sorted([2, 20, 3, 12, 5, 9]), 3)) == 3  # "grouped" really decodes 3 groups
 
     model = _smoke_model()
-    loss, _, _ = MultiTaskLoss(model, [1.0, 1.0], precision="bf16")(*_loss_inputs(500))
-    loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    reference = _reference_loss(model, x, weights)
+    reference.backward()
+    reference_grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    for ckpt, groups in ((False, 1), (True, 1), (False, 3), (True, 3)):
+        model = _smoke_model()
+        model.set_gradient_checkpointing(ckpt)
+        loss, loss_sum, tokens = MultiTaskLoss(model, weights, decode_groups=groups)(*x)
+        loss.backward()
+        assert tokens.tolist() == [2 + 3 + 5, 20 + 12 + 9, 0]  # real label tokens per task (+ no contrastive)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        torch.testing.assert_close(grads, reference_grads, rtol=1e-4, atol=1e-6)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtype of every matmul-like aten op (linear, mm, bmm, convolution, attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(k in name for k in ("mm", "linear", "convolution", "attention")):
+            self.dtypes[next(a.dtype for a in args if isinstance(a, torch.Tensor))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_autocast_step_runs_its_matmuls_in_bf16_and_matches_fp32():
+    from fiore.train.loop import MultiTaskLoss
+
+    x = _loss_inputs(500, lengths=(2, 20, 3, 12, 5, 9))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = _smoke_model()
+        with _MatmulDtypes() as seen:
+            loss, _, _ = MultiTaskLoss(model, [1.0, 1.0], precision=precision)(*x)
+            loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[precision] = (loss.detach(), grads, seen.dtypes)
+    (loss32, grads32, dtypes32), (loss16, grads16, dtypes16) = results["fp32"], results["bf16"]
+    assert set(dtypes32) == {torch.float32}
+    assert set(dtypes16) == {torch.bfloat16} and sum(dtypes16.values()) >= 100, dtypes16  # forward and backward
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)  # bf16 keeps 8 bits of mantissa
+    assert torch.isfinite(grads16).all()
+    assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
