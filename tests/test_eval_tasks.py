@@ -116,3 +116,57 @@ def test_oracle_engine_on_synthetic_scenes():
     assert head["od/mAP50"] == pytest.approx(1.0)
     assert head["referring_expression_segmentation/mIoU"] > 0.85
     assert head["ocr/CER"] == 0.0
+
+
+class PartialOracle(OracleFlorence):
+    """The ground truth on the images in `answered`, the empty answer ("</s><s></s>" parsed) on the others."""
+
+    def __init__(self, samples, answered):
+        super().__init__(samples)
+        self.answered = set(answered)
+
+    def _answer(self, task, sample, text=None, region=None):
+        if sample.image[1] in self.answered:
+            return super()._answer(task, sample, text, region)
+        return task.parse("</s><s></s>", sample.size)
+
+
+AP_HALF = 51 / 101  # COCO AP with every detection right and recall 0.5: precision 1 at 51 of the 101 recall points
+BLEU_HALF = math.exp(-1)  # precision 1; half the reference length predicted -> brevity penalty exp(1 - r/c) = e^-1
+BOXES_HALF = {"mAP": AP_HALF, "mAP50": AP_HALF, "AR100": 0.5}
+# Answered on images 0 and 1 of 4, where every task's answers have the same size on each image.
+HALF: dict[str, dict[str, float]] = {
+    "od": BOXES_HALF,
+    "open_vocabulary_detection": {**BOXES_HALF, "acc@0.5": 0.5},
+    "region_proposal": {**BOXES_HALF, "AR1": 0.25},  # 2 objects per image, 1 detection counted
+    # descriptions act as labels: the star's differs per image (4 categories of 1 object: AP 1, 1, 0, 0), the
+    # circle's is shared (1 category of 4 objects, 2 found: AP_HALF)
+    "dense_region_caption": {"mAP50": (1 + 1 + 0 + 0 + AP_HALF) / 5, "AR100": 0.5},
+    **{
+        n: {"mIoU": 0.5, "cIoU": 0.5, "acc@0.5": 0.5}
+        for n in ("referring_expression_segmentation", "region_to_segmentation")
+    },  # fmt: skip
+    **{
+        n: {"CIDEr": 5.0, **{f"BLEU-{k}": BLEU_HALF for k in (1, 2, 3, 4)}}  # CIDEr: the mean of 10 and 0 per item
+        for n in ("caption", "detailed_caption", "more_detailed_caption", "region_to_description")
+    },  # fmt: skip
+    "caption_to_phrase_grounding": {"recall@1": 0.5, "acc@0.5": 0.5},
+    **{n: {"exact_match": 0.5, "CER": 0.5, "WER": 0.5} for n in ("ocr", "region_to_ocr")},
+    "ocr_with_region": {"precision": 1.0, "recall": 0.5, "F1": 2 / 3, "F1_det": 2 / 3},
+    "vqa": {"accuracy": 0.5},
+    **{n: {"top1": 0.5} for n in ("classify", "region_to_category")},
+}
+ERROR_RATES = ("CER", "WER")
+
+
+def test_partial_and_empty_answers_score_their_known_values_on_every_task():
+    assert set(HALF) == set(fiore.tasks.names())
+    samples = [_sample(i) for i in range(4)]
+    half = evaluate(PartialOracle(samples, {0, 1}), samples, None, batch_size=3, progress=False)
+    empty = evaluate(PartialOracle(samples, ()), samples, None, batch_size=3, progress=False)
+    for name, expected in HALF.items():
+        assert half.tasks[name].errors == 0 and empty.tasks[name].errors == 0, name
+        got = {k: half.tasks[name].metrics[k] for k in expected}
+        assert got == pytest.approx(expected, abs=1e-6), name
+        for key in {*expected, *half.tasks[name].headline}:
+            assert empty.tasks[name].metrics[key] == (1.0 if key in ERROR_RATES else 0.0), (name, key)
