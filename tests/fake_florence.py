@@ -8,6 +8,8 @@ response delivered to the wrong request, or computed from the wrong image, is ca
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import socket
 import threading
 import time
@@ -143,3 +145,19 @@ def save_tiny_model(path, seed: int = 0, contrastive_dim: int = 0):
                 p.normal_(0, 1.5 / math.sqrt(p.shape[1]))
         model.language_model.shared.weight.normal_(0, 0.5)
     return Florence(model, config, tokenizer=tok).save(path)
+
+
+def same_json(a, b, rel_tol: float = 1e-4) -> bool:
+    """Equal as JSON (tuples = lists), floats to `rel_tol` relative: batched matmuls move scores in the last bits."""
+    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    return _same(a, b, rel_tol)
+
+
+def _same(a, b, rel_tol: float) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=rel_tol)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k], rel_tol) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same(x, y, rel_tol) for x, y in zip(a, b, strict=True))
+    return a == b
