@@ -196,3 +196,19 @@ def test_serialized_targets_parity(native):
         quads = [[rng.uniform(0, w) if i % 2 == 0 else rng.uniform(0, h) for i in range(8)] for _ in range(2)]
         q = ocr.parse("", size).__class__(quads, ["HELLO", "wörld 2"])
         _check(native, ocr, "</s><s>" + ocr.serialize(q, size) + "</s>", size)
+
+
+def test_every_task_target_parses_as_the_native_post_processor_parses_it(native):
+    """What fiore trains on, for every task (polygons, phrases and mixed outputs included), read through the native
+    post-processor gives what fiore's parser gives; each target kind is met at least once."""
+    from fiore.data.synthetic import make_sample
+
+    seen = {}
+    for i in range(6):
+        sample = make_sample(11, i)
+        for task in tasks.all():
+            for example in task.examples(sample):
+                target = task.serialize(example.target, sample.size)
+                result = _check(native, task, "</s><s>" + target + "</s>", sample.size)
+                seen[task.name] = seen.get(task.name, 0) + (not result.warnings)
+    assert set(seen) == set(tasks.names()) and all(seen.values()), seen
