@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 
 import numpy as np
 import pytest
@@ -264,15 +263,6 @@ def test_overrides_and_bad_worlds():
         World(size_range=(300, 200))
     with pytest.raises(ValueError, match="non-negative"):
         make_sample(-1, 0)
-
-
-def test_generation_is_fast():
-    start = time.process_time()
-    for i in range(50):
-        make_sample(123, i)
-    per_sample = (time.process_time() - start) / 50
-    print(f"synthetic generation: {per_sample * 1e3:.2f} ms/sample (CPU time)")
-    assert per_sample < 0.03  # loose: a shared CI core; measured ~4 ms on an idle core
 
 
 @settings(max_examples=30, deadline=None)
