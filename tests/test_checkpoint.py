@@ -4,6 +4,7 @@ transformers loads back, tokenizer files."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -97,17 +98,47 @@ def test_original_format_safetensors(native, inputs, reference, tmp_path):
     assert torch.equal(logits_of(path, inputs), reference)
 
 
-def test_sharded_safetensors_with_index(native, inputs, reference, tmp_path):
-    sd = load_file(native[1] / "model.safetensors")
+def write_sharded(sd: dict, out: Path, fmt: str, config_json: str) -> list[Path]:
+    """`sd` in two shards plus the index file transformers writes (model.safetensors.index.json or
+    pytorch_model.bin.index.json); returns the shard paths."""
     keys = sorted(sd)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    shards = {f"{stem}-00001-of-00002.{ext}": keys[:half], f"{stem}-00002-of-00002.{ext}": keys[half:]}
+    out.mkdir(parents=True, exist_ok=True)
     for name, ks in shards.items():
-        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
-    index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text((native[1] / "config.json").read_text())
+        if fmt == "safetensors":
+            save_file({k: sd[k] for k in ks}, str(out / name))
+        else:
+            torch.save({k: sd[k] for k in ks}, out / name)
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
+    (out / "config.json").write_text(config_json)
+    return [out / name for name in shards]
+
+
+def test_sharded_safetensors_with_index(native, inputs, reference, tmp_path):
+    sd = load_file(native[1] / "model.safetensors")
+    write_sharded(sd, tmp_path, "safetensors", (native[1] / "config.json").read_text())
     assert torch.equal(logits_of(tmp_path, inputs), reference)
+
+
+def test_sharded_bin_with_index_in_the_original_key_layout(native, inputs, reference, tmp_path):
+    original = write_original(native[1], tmp_path / "orig", "safetensors")
+    sd = load_file(original / "model.safetensors")
+    write_sharded(sd, tmp_path / "sharded", "bin", (original / "config.json").read_text())
+    assert torch.equal(logits_of(tmp_path / "sharded", inputs), reference)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_missing_shard_is_named(native, tmp_path, fmt):
+    shards = write_sharded(load_file(native[1] / "model.safetensors"), tmp_path, fmt,
+                           (native[1] / "config.json").read_text())  # fmt: skip
+    shards[1].unlink()
+    with pytest.raises(
+        CheckpointError, match=f"weight shard {re.escape(str(shards[1]))} listed in the index is missing"
+    ):
+        fiore.load(tmp_path)
 
 
 def test_strict_loading_names_every_bad_key(native, tmp_path):
