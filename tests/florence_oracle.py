@@ -16,8 +16,8 @@ IMAGE_TOKEN_ID = 51289
 NATIVE_VOCAB = 51328
 
 
-def hf_model(config: ModelConfig, seed: int = 0):
-    """A random-weight transformers Florence2ForConditionalGeneration in eval mode."""
+def hf_config(config: ModelConfig):
+    """transformers' Florence2Config for a fiore ModelConfig."""
     transformers = __import__("transformers")
     v, t = config.vision, config.text
     vision = dict(
@@ -45,9 +45,14 @@ def hf_model(config: ModelConfig, seed: int = 0):
         attention_dropout=t.attention_dropout,
         activation_dropout=t.activation_dropout,
     ).to_dict()
-    cfg = transformers.Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
+    return transformers.Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
+
+
+def hf_model(config: ModelConfig, seed: int = 0):
+    """A random-weight transformers Florence2ForConditionalGeneration in eval mode."""
+    transformers = __import__("transformers")
     torch.manual_seed(seed)
-    model = transformers.Florence2ForConditionalGeneration(cfg).eval()
+    model = transformers.Florence2ForConditionalGeneration(hf_config(config)).eval()
     with torch.no_grad():
         # Weights at unit-gain scale (1/sqrt(fan_in)) rather than the default 0.02 give varied, non-degenerate greedy
         # sequences; random LayerNorm affines and biases make a swapped or skipped norm/bias visible.

@@ -9,7 +9,15 @@ import json
 
 import pytest
 import torch
-from florence_oracle import NATIVE_VOCAB, greedy_from, hf_model, native_to_original, original_config, prompt_ids
+from florence_oracle import (
+    NATIVE_VOCAB,
+    greedy_from,
+    hf_config,
+    hf_model,
+    native_to_original,
+    original_config,
+    prompt_ids,
+)
 from safetensors.torch import save_file
 
 import fiore
@@ -87,3 +95,25 @@ def test_base_loads_from_original_keys(base, tmp_path):
     native = base["florence"].model.state_dict()
     assert loaded.keys() == native.keys()
     assert all(torch.equal(loaded[k], native[k]) for k in native)  # same weights -> same outputs as above
+
+
+def test_large_preset_has_transformers_keys_shapes_and_the_published_size():
+    """Florence-2-large (0.77B) built on the meta device: no memory, no weights, every shape."""
+    from transformers import Florence2ForConditionalGeneration
+
+    from fiore.convert import native_to_original as to_original
+    from fiore.model import FlorenceModel
+
+    config = preset("large").replace(text={"vocab_size": NATIVE_VOCAB})
+    with torch.device("meta"):
+        ours = FlorenceModel(config)
+        theirs = Florence2ForConditionalGeneration(hf_config(config))
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert len(shapes) == 920 and len(to_original(ours.state_dict())) == 921  # reference §2: native 920, original 921
+    assert shapes["model.language_model.encoder.embed_positions.weight"] == (4098, 1024)
+    assert shapes["model.multi_modal_projector.image_projection.weight"] == (1024, 2048)
+    assert sum(p.numel() for p in ours.parameters()) == 776_505_344  # reference §0, native format
+    with torch.device("meta"):
+        original_vocab = FlorenceModel(preset("large"))
+    assert sum(p.numel() for p in original_vocab.parameters()) == 776_465_408  # original format (vocab 51289)
