@@ -268,3 +268,105 @@ def test_a_region_partly_outside_is_clamped_as_in_the_api(server):
                                                                                  image_size=(64, 48))  # fmt: skip
     with pytest.raises(tasks.TaskInputError, match="outside"):
         r2c.prompt(region=[65, 0, 70, 10], image_size=(64, 48))
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        deadline.wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+MIXED = [  # (task, text, region): every kind of input, some requests asking the same
+    ("od", None, None),
+    ("caption", None, None),
+    ("region_to_category", None, "4,4,40,30"),
+    ("region_to_category", None, "10,10,60,40"),
+    ("caption_to_phrase_grounding", "a red square", None),
+    ("caption_to_phrase_grounding", "a blue dot", None),
+    ("od", None, None),
+    ("caption", None, None),
+]
+
+
+def test_a_batch_mixing_tasks_texts_and_regions_answers_each_request_its_own_question():
+    gate = threading.Event()
+    fake = FakeFlorence(gate=gate)
+    config = ServeConfig(max_batch=16, max_wait_ms=0, max_queue=64)
+    images = [png(40 + 3 * i, 36 + 2 * i, (20 * i, 200 - 20 * i, 90)) for i in range(len(MIXED))]
+    with running_server(create_app(fake, config)) as url, httpx.Client(timeout=60) as client:
+
+        def post(i):
+            task, text, region = MIXED[i]
+            data = {"task": task, **({"text": text} if text else {}), **({"region": region} if region else {})}
+            return client.post(f"{url}/v1/predict", files={"image": ("x.png", images[i], "image/png")}, data=data)
+
+        with ThreadPoolExecutor(len(MIXED) + 1) as pool:
+            first = pool.submit(post, 0)  # holds the engine until the gate opens; the rest queue behind it
+            _wait_until(lambda: fake.calls)
+            rest = [pool.submit(post, i) for i in range(1, len(MIXED))]
+            _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == len(MIXED) - 1)
+            gate.set()
+            responses = [first.result(), *(f.result() for f in rest)]
+        stats = client.get(f"{url}/v1/stats").json()
+    for i, r in enumerate(responses):
+        task, text, region = MIXED[i]
+        box = [float(v) for v in region.split(",")] if region else None
+        assert r.status_code == 200, r.text
+        assert r.json() == {task: expected(images[i], task, text, box)}, MIXED[i]
+    # one worker pass took the 7 queued requests: 6 groups, the two plain "caption" requests sharing one engine call
+    assert {int(k): v for k, v in stats["requests_per_pass"].items()} == {1: 1, len(MIXED) - 1: 1}
+    assert sorted(n for _, n in fake.calls[1:]) == [1, 1, 1, 1, 1, 2]
+
+
+def test_one_failing_group_in_a_shared_batch_fails_alone():
+    gate = threading.Event()
+
+    class BrokenOnGrounding(FakeFlorence):
+        def run(self, images, tasks, **generation):
+            if "caption_to_phrase_grounding" in tasks:
+                super()._wait()
+                raise RuntimeError("boom")
+            return super().run(images, tasks, **generation)
+
+    fake = BrokenOnGrounding(gate=gate)
+    config = ServeConfig(max_batch=16, max_wait_ms=0, max_queue=64)
+    with running_server(create_app(fake, config)) as url, httpx.Client(timeout=60) as client:
+        files = {"image": ("x.png", png(), "image/png")}
+
+        def post(data):
+            return client.post(f"{url}/v1/predict", files=files, data=data)
+
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, {"task": "od"})
+            _wait_until(lambda: fake.calls)
+            bad = pool.submit(post, {"task": "caption_to_phrase_grounding", "text": "a dot"})
+            good = pool.submit(post, {"task": "caption"})
+            _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == 2)
+            gate.set()
+            first, bad, good = first.result(), bad.result(), good.result()
+        stats = client.get(f"{url}/v1/stats").json()
+    assert stats["requests_per_pass"] == {"1": 1, "2": 1}  # the failing and the good request shared a pass
+    assert bad.status_code == 500 and "boom" in bad.json()["error"]
+    assert good.status_code == 200 and good.json() == {"caption": expected(png(), "caption")}
+    assert first.status_code == 200
+
+
+def test_a_client_that_gives_up_costs_no_engine_work():
+    gate = threading.Event()
+    fake = FakeFlorence(gate=gate)
+    config = ServeConfig(max_batch=16, max_wait_ms=0, max_queue=64)
+    with running_server(create_app(fake, config)) as url:
+        files = {"image": ("x.png", png(), "image/png")}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/predict", files=files, data={"task": "od"}, timeout=60)
+            _wait_until(lambda: fake.calls)
+            with pytest.raises(httpx.TimeoutException):  # queued behind the blocked engine, then gone
+                httpx.post(f"{url}/v1/predict", files=files, data={"task": "caption"}, timeout=0.5)
+            _wait_until(lambda: httpx.get(f"{url}/v1/stats").json()["abandoned"] == 1)
+            gate.set()
+            assert first.result().status_code == 200
+        assert httpx.post(f"{url}/v1/predict", files=files, data={"task": "ocr"}, timeout=60).status_code == 200
+    assert [task for task, _ in fake.calls] == ["run:od", "run:ocr"]  # the abandoned caption never ran

@@ -19,6 +19,7 @@ import json
 import time
 import warnings
 from collections import Counter
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class Batcher:
         self.batch_sizes: Counter[int] = Counter()  # images per engine call -> count
         self.requests_per_pass: Counter[int] = Counter()
         self.rejected = 0
+        self.abandoned = 0  # requests whose client disconnected while they waited
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -87,16 +89,33 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, image, tasks) -> tuple[dict, list[int]]:
+    async def submit(self, image, tasks, client_gone: Awaitable | None = None) -> tuple[dict, list[int]]:
+        """Queue one request and wait for its answer. `client_gone` completes when the client disconnects: a request
+        still queued is then dropped before it reaches the engine (a finished answer is discarded)."""
         job = Job(image, tasks, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             self.rejected += 1
+            if client_gone is not None:
+                client_gone.close()
             raise HTTPError(
                 503, "server busy: request queue is full, retry later", {"Retry-After": str(self.config.retry_after_s)}
             ) from None
-        return await job.future, job.batch_sizes
+        watcher = asyncio.ensure_future(client_gone) if client_gone is not None else None
+        try:
+            await asyncio.wait([job.future] + ([watcher] if watcher else []), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.future.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if not job.future.done():  # the client went away first
+            job.future.cancel()  # the worker skips cancelled jobs
+            self.abandoned += 1
+            raise HTTPError(499, "client closed the request")
+        return job.future.result(), job.batch_sizes
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,6 +168,12 @@ class Batcher:
                 outcomes[i] = {name: result_json(result) for name, result in answer.items()}
                 batch[i].batch_sizes.append(len(images))
         return outcomes
+
+
+async def client_gone(request: Request) -> None:
+    """Completes when the client disconnects. The body has been read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def result_json(result) -> dict:
@@ -341,6 +366,7 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
             "engine_batch_sizes": {str(k): v for k, v in sorted(batcher.batch_sizes.items())},
             "requests_per_pass": {str(k): v for k, v in sorted(batcher.requests_per_pass.items())},
             "rejected_overload": batcher.rejected,
+            "abandoned": batcher.abandoned,
             "queued": batcher.queue.qsize(),
             "max_batch": config.max_batch,
             "max_queue": config.max_queue,
@@ -386,7 +412,7 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
         start = time.perf_counter()
         image, names, text, region = await parse_predict(request, config)
         jobs = validate(image, names, text, region, config)
-        answer, sizes = await batcher.submit(image, jobs)
+        answer, sizes = await batcher.submit(image, jobs, client_gone(request))
         headers = {
             "X-Fiore-Batch-Size": str(max(sizes, default=0)),
             "X-Fiore-Time-Ms": f"{(time.perf_counter() - start) * 1000:.1f}",
