@@ -460,9 +460,10 @@ def _greedy_matches(iou: np.ndarray, threshold: float) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # VQA and classification
 
-# Normalisation of the official VQA evaluation (GT-Vision-Lab/VQA vqaEval.py): punctuation handling, number words
-# to digits, articles dropped, apostrophe-less contractions restored.
-_VQA_PUNCT = [";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?"]
+# Normalisation of the official VQA evaluation (GT-Vision-Lab/VQA vqaEval.py as of its last fix, a013f00, 2021):
+# punctuation dropped or turned into a space, periods not in numbers dropped, number words to digits, articles
+# dropped, apostrophe-less contractions restored. tests/test_metrics.py holds that script's outputs on many cases.
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _VQA_COMMA = re.compile(r"(\d)(,)(\d)")
 _VQA_DIGITS = {
@@ -480,22 +481,35 @@ _VQA_DIGITS = {
     "ten": "10",
 }
 _VQA_ARTICLES = {"a", "an", "the"}
-_VQA_CONTRACTIONS = {
-    w.replace("'", ""): w
-    for w in (
-        "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll "
-        "how's i'd i'm i've isn't it'd it'll let's ma'am mightn't might've mustn't must've needn't o'clock "
-        "oughtn't shan't she'd she'll she's should've shouldn't that's there'd there're there's they'd they'll "
-        "they're they've wasn't we'd we've weren't what'll what're what's what've when's where'd where's "
-        "where've who'd who'll who's who've why'll why're why's won't would've wouldn't y'all you'd you'll "
-        "you're you've"
-    ).split()
-}
+_VQA_CONTRACTED = (
+    "ain't aren't can't couldn't could've didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
+    "isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't shouldn't "
+    "should've somebody'll somebody's someone'd someone'll someone's something'd something'll that's there'd "
+    "there're there's they'd they'll they're they've 'twas wasn't weren't we've what'll what're what's what've "
+    "when's where'd where's where've who'd who'll who's who've why'll why're why's won't wouldn't would've y'all "
+    "you'd you'll you're you've couldn't've hadn't've he'd've it'd've mightn't've she'd've shouldn't've "
+    "somebody'd've someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'd've "
+    "y'all'll you'd've 'ow's'at"
+).split()
+
+
+def _contraction_keys(form: str) -> list[str]:
+    """The spellings the official table restores to `form`: without its apostrophe, or, where it has several,
+    without any one of them. ("im", "ive", "id", "shes", "lets", "wed", "shell" stay: the official table's keys for
+    them are capitalised or absent, and "shell" and "wed" are words.)"""
+    at = [i for i, ch in enumerate(form) if ch == "'"]
+    if len(at) == 1:
+        return [form.replace("'", "")]
+    return [form[:i] + form[i + 1 :] for i in at]
+
+
+_VQA_CONTRACTIONS = {key: form for form in _VQA_CONTRACTED for key in _contraction_keys(form)}
+_VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the official table has this one backwards; kept for parity
 
 
 def normalize_vqa_answer(text: str) -> str:
     """VQAv2 answer normalisation (official processPunctuation + processDigitArticle)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
+    text = _vqa_plain(text)
     out = text
     for p in _VQA_PUNCT:
         if (p + " " in text or " " + p in text) or _VQA_COMMA.search(text) is not None:
@@ -509,10 +523,12 @@ def normalize_vqa_answer(text: str) -> str:
 
 
 def vqa_accuracy(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
-    """VQAv2 accuracy, averaged over questions. With k annotator answers, for each answer i left out,
-    acc_i = min(1, #other answers equal to the prediction / 3), averaged over i (the official leave-one-out form).
-    Generalised for small k (custom data): the divisor is min(3, k - 1), and k = 1 is an exact match. Prediction and
-    answers both go through `normalize_vqa_answer` (VQAv2's own answers are already normalised). NaN for none."""
+    """VQAv2 accuracy, averaged over questions, as the official script computes it: with k annotator answers, for
+    each answer i left out, acc_i = min(1, #other answers equal to the prediction / 3), averaged over i. Prediction and
+    answers go through `normalize_vqa_answer` only when the answers disagree; when all agree the official script
+    compares the prediction as written (stripped), so "Red." against ten "red" scores 0 there, and here.
+    Generalised for small k (custom data): the divisor is min(3, k - 1), and k = 1 is an exact match after
+    normalisation. NaN for no questions."""
     if len(preds) != len(answers):
         raise ValueError(f"vqa_accuracy: {len(preds)} preds but {len(answers)} answer lists")
     if not preds:
@@ -521,8 +537,10 @@ def vqa_accuracy(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> floa
     for pred, gts in zip(preds, answers, strict=True):
         if not gts:
             raise ValueError("vqa_accuracy: a question has no ground-truth answers")
-        p = normalize_vqa_answer(pred)
-        norm = [normalize_vqa_answer(a) for a in gts]
+        p = _vqa_plain(pred)
+        norm = [_vqa_plain(a) for a in gts]
+        if len(norm) == 1 or len(set(norm)) > 1:
+            p, norm = normalize_vqa_answer(p), [normalize_vqa_answer(a) for a in norm]
         if len(norm) == 1:
             total += float(p == norm[0])
             continue
@@ -532,6 +550,11 @@ def vqa_accuracy(preds: Sequence[str], answers: Sequence[Sequence[str]]) -> floa
         accs = [min(1.0, (matches - (a == p)) / div) for a in norm]
         total += sum(accs) / len(accs)
     return total / len(preds)
+
+
+def _vqa_plain(text: str) -> str:
+    """What the official script does to every answer before comparing: newlines and tabs to spaces, stripped."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def _label_key(s: str) -> str:
