@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fiore
 from fiore.train import checkpointing
-from fiore.train.config import load_config
+from fiore.train.config import load_config, parse_override
 from fiore.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,3 +276,58 @@ def test_bf16_autocast_step_runs_its_matmuls_in_bf16_and_matches_fp32():
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)  # bf16 keeps 8 bits of mantissa
     assert torch.isfinite(grads16).all()
     assert F.cosine_similarity(grads16, grads32, dim=0) > 0.99
+
+
+@pytest.mark.slow
+def test_cli_resume_with_checkpointing_bf16_and_val_every_through_the_whole_loop(tmp_path, monkeypatch):
+    """`fiore train --resume` after a crash ends bit-identical to an unbroken run, with gradient checkpointing and
+    bf16 autocast on and a held-out loss every 3 steps; the checkpointed blocks and bf16 matmuls really ran."""
+    from typer.testing import CliRunner
+
+    import fiore.cli
+    from fiore.model import davit, text
+
+    calls = collections.Counter()
+    for module in (davit, text):
+        real = module.checkpoint
+
+        def counted(fn, *args, _real=real, _name=module.__name__, **kwargs):
+            calls[_name] += 1
+            return _real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(module, "checkpoint", counted)
+    sets = {"optim.steps": "6", "train.checkpoint_every": "2", "train.val_every": "3", "train.precision": "bf16",
+            "train.gradient_checkpointing": "true"}  # fmt: skip
+
+    def cli(out: Path, *extra: str):
+        args = ["train", str(SMOKE), "--set", f"train.out_dir={out}"]
+        for key, value in sets.items():
+            args += ["--set", f"{key}={value}"]
+        result = CliRunner().invoke(fiore.cli.app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        return result
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    with _MatmulDtypes() as seen:
+        cli(a)
+    assert seen.dtypes[torch.bfloat16] > 10 * seen.dtypes[torch.float32], seen.dtypes  # autocast covered the run
+    assert calls["fiore.model.davit"] > 0 and calls["fiore.model.text"] > 0
+
+    def crash(step, model):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        over = dict(parse_override(f"{k}={v}") for k, v in sets.items())  # as the CLI reads them
+        train(load_config(SMOKE, {"train.out_dir": str(b), **over}), callback=crash)
+    assert checkpointing.latest(b / "checkpoints").name == "step_4"
+    assert "final model" in cli(b, "--resume").output
+
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for run in (a, b):
+        assert [r["step"] for r in records(run) if "val_loss" in r] == [3, 6]
+        assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["val_loss"] for r in records(a) if "val_loss" in r] == [
+        r["val_loss"] for r in records(b) if "val_loss" in r
+    ]
