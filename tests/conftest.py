@@ -6,7 +6,7 @@ the dev extra) is one `.ci/run` provides, so a skip there means a check silently
 prerequisite still skips, with its reason in the `-ra` summary.
 
 Tests marked `gpu` need a CUDA device; without one they are deselected (counted as "deselected", never "skipped")
-and the summary says why.
+and the summary says why. FIORE_GPU_TEST_DEVICE=cpu runs them on the CPU instead (to check the tests themselves).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def in_ci() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("FIORE_GPU_TEST_DEVICE"):  # tests/test_gpu.py: a device override
         return
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu:
