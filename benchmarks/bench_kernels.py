@@ -1,29 +1,28 @@
-"""Few-row matmuls (decoder steps): `F.linear` (MKL) vs fiore's `Linear` (oneDNN, blocked weights for 2+ rows).
+"""The inference strategies of `fiore.model.inference`, each against the plain module, on this machine.
 
-    python benchmarks/bench_kernels.py [--threads 2] [--repeats 15] [--narrow]
+    python benchmarks/bench_kernels.py [--threads 2] [--repeats 15] [--preset base]
 
-Shapes of the base model's decoder (768 -> 768, 768 -> 3072, 3072 -> 768) and LM head (768 -> 51289), 1, 3 and 4
-rows. Caches are flushed before every call (a decoder step streams ~350 MB of weights, so nothing stays cached);
-the best of --repeats is reported as GB/s of weight read. Last line: a whole base decoder step (b=1 and b=4) with
-fiore's kernels vs with `F.linear`, best of --repeats.
-
---narrow instead times the tiny preset's DaViT linears at batch 16, 256x256 (stages 0-2: 32-128 channels over
-65536-4096 tokens) in training (forward + backward) and inference, `F.linear` vs `Linear`, medians of interleaved
-runs: the measurement behind `kernels.NARROW`.
+1. Few-row matmuls (decoder steps): `F.linear` (MKL) vs oneDNN (1 row on the weight as it is; 3-4 rows on the
+   blocked copy), shapes of the base decoder (768 -> 768, 768 -> 3072, 3072 -> 768) and LM head (768 -> 51289).
+   Caches are flushed before every call (a decoder step streams ~350 MB of weights); best of --repeats, GB/s of
+   weight read.
+2. A whole decoder step + LM head at batch 1 and 4, plain modules vs every decoder strategy (fused q/k/v and oneDNN).
+3. What `calibrate` decides here, with the time it takes (the verdicts `fiore.load` uses; cached per machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import copy
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fiore.config import preset
 from fiore.model import FlorenceModel, kernels
-from fiore.model.kernels import Linear
+from fiore.model.inference import measure, prepare_for_inference, use_onednn
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (51289, 768)]  # (out, in)
 
@@ -44,7 +43,7 @@ def decoder_step_ms(model: FlorenceModel, batch: int, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         cache = model.new_cache(enc, None, 16)
-        model.logits(model.decode(ids, None, None, cache))  # first step: packs weights where needed
+        model.logits(model.decode(ids, None, None, cache))
         t = time.perf_counter()
         for _ in range(8):
             model.logits(model.decode(ids, None, None, cache))
@@ -52,74 +51,40 @@ def decoder_step_ms(model: FlorenceModel, batch: int, repeats: int) -> float:
     return best * 1e3
 
 
-def narrow_table(repeats: int) -> None:
-    """Training and inference time of narrow DaViT linears: F.linear (MKL) vs Linear (oneDNN at <= NARROW)."""
-    from fiore.train.memory import keep_freed_memory
-
-    keep_freed_memory()  # page faults of fresh 32 MB outputs would otherwise dominate both sides
-    print(f"# {torch.get_num_threads()} threads; kernels.NARROW = {kernels.NARROW}; ms, median of {repeats}")
-    print("| tokens | in -> out | train F.linear | train Linear | ratio | infer F.linear | infer Linear | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for tokens, dim in ((65536, 32), (16384, 64), (4096, 128)):
-        for in_f, out_f in ((dim, 3 * dim), (dim, dim), (dim, 4 * dim), (4 * dim, dim)):
-            layer = Linear(in_f, out_f)
-            x = torch.randn(16, tokens // 16, in_f, requires_grad=True)
-            grad = torch.randn(16, tokens // 16, out_f)
-            cases = {
-                "train F.linear": lambda: F.linear(x, layer.weight, layer.bias).backward(grad),  # noqa: B023
-                "train Linear": lambda: layer(x).backward(grad),  # noqa: B023
-                "infer F.linear": lambda: F.linear(x.detach(), layer.weight, layer.bias),  # noqa: B023
-                "infer Linear": lambda: layer(x.detach()),  # noqa: B023
-            }
-            times: dict[str, list[float]] = {k: [] for k in cases}
-            for _ in range(repeats):
-                for name, fn in cases.items():
-                    with torch.set_grad_enabled(name.startswith("train")):
-                        t = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - t)
-                    x.grad = layer.weight.grad = layer.bias.grad = None
-            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            print(f"| {tokens} | {in_f} -> {out_f} | {ms['train F.linear']:.2f} | {ms['train Linear']:.2f} | "
-                  f"{ms['train Linear'] / ms['train F.linear']:.2f} | {ms['infer F.linear']:.2f} | "
-                  f"{ms['infer Linear']:.2f} | {ms['infer Linear'] / ms['infer F.linear']:.2f} |")  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--narrow", action="store_true", help="narrow DaViT linears, training and inference")
+    ap.add_argument("--preset", default="base")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.narrow:
-        narrow_table(args.repeats)
-        return
     flush = torch.zeros(16 << 20)
     print(f"# oneDNN linear available: {kernels.ONEDNN}; {torch.get_num_threads()} threads; GB/s of weight read")
-    print("| out x in | rows | F.linear | fiore Linear | speed-up |")
+    print("| out x in | rows | F.linear | oneDNN | speed-up |")
     print("|---|---|---|---|---|")
     with torch.inference_mode():
-        for out_f, in_f in SHAPES:
-            layer = Linear(in_f, out_f)
-            gb = layer.weight.numel() * 4 / 1e9
-            for rows in (1, 3, 4):
-                x = torch.randn(rows, in_f)
-                layer(x)  # packs for rows > 1
-                ref = best_of(lambda: F.linear(x, layer.weight, layer.bias), args.repeats, flush)  # noqa: B023
-                ours = best_of(lambda: layer(x), args.repeats, flush)  # noqa: B023
-                print(f"| {out_f} x {in_f} | {rows} | {gb / ref:.1f} | {gb / ours:.1f} | {ref / ours:.2f} |")
-        model = FlorenceModel(preset("base")).eval()
-        steps = {}
-        for batch in (1, 4):
-            fast = decoder_step_ms(model, batch, args.repeats // 3 or 1)
-            kernels.ONEDNN = False
-            plain = decoder_step_ms(model, batch, args.repeats // 3 or 1)
-            kernels.ONEDNN = True
-            steps[batch] = (plain, fast)
+        if kernels.ONEDNN:
+            for out_f, in_f in SHAPES:
+                layer = nn.Linear(in_f, out_f)
+                gb = layer.weight.numel() * 4 / 1e9
+                ref_layer = copy.deepcopy(layer)
+                use_onednn(layer, one_row=True, rows=True, narrow=False)
+                for rows in (1, 3, 4):
+                    x = torch.randn(rows, in_f)
+                    ref = best_of(lambda: F.linear(x, ref_layer.weight, ref_layer.bias), args.repeats, flush)  # noqa: B023
+                    ours = best_of(lambda: layer(x), args.repeats, flush)  # noqa: B023
+                    print(f"| {out_f} x {in_f} | {rows} | {gb / ref:.1f} | {gb / ours:.1f} | {ref / ours:.2f} |")
+        torch.manual_seed(0)
+        plain = FlorenceModel(preset(args.preset)).eval()
+        fast = prepare_for_inference(copy.deepcopy(plain), ["fused_decoder", "onednn_one_row", "onednn_rows"])
+        n = args.repeats // 3 or 1
+        steps = {b: (decoder_step_ms(plain, b, n), decoder_step_ms(fast, b, n)) for b in (1, 4)}
     print()
-    print("base decoder step + LM head: " + ", ".join(
-        f"b={b} F.linear {p:.1f} ms, fiore {f:.1f} ms ({p / f:.2f}x)" for b, (p, f) in steps.items()))  # fmt: skip
+    print(f"{args.preset} decoder step + LM head: " + ", ".join(
+        f"b={b} plain {p:.1f} ms, strategies {f:.1f} ms ({p / f:.2f}x)" for b, (p, f) in steps.items()))  # fmt: skip
+    start = time.perf_counter()
+    verdicts = measure(plain)
+    print(f"calibration here ({time.perf_counter() - start:.2f} s): {verdicts}")
 
 
 if __name__ == "__main__":

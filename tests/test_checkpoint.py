@@ -222,7 +222,7 @@ def test_small_vocabulary_saves_and_loads_in_both(inputs, tmp_path):
     with torch.no_grad():
         ours = model(pixel_values, prompt, dec)
         assert ours.shape == (2, 4, 1000)
-        assert torch.equal(fiore.load(path).model(pixel_values, prompt, dec), ours)
+        assert torch.equal(fiore.load(path, strategies="none").model(pixel_values, prompt, dec), ours)  # exact
         # transformers cannot place an <image> token in a 1000-token vocabulary; feed it the merged embeddings.
         hf = transformers.Florence2ForConditionalGeneration.from_pretrained(path).eval()
         feats = hf.model.get_image_features(pixel_values).pooler_output

@@ -1,11 +1,11 @@
-"""fiore.model.kernels.dropout: the rate, the scale, the gradient, seeding, and the paths it leaves to F.dropout."""
+"""fiore.model.kernels.dropout: the rate, the scale, the gradient, seeding, and the cases it leaves to F.dropout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fiore.model.kernels import FAST_DROPOUT_MIN, dropout
+from fiore.model.kernels import dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -41,13 +41,11 @@ def test_gradient_is_the_mask_and_seeding_repeats_it():
     assert not torch.equal(dropout(x, 0.3, training=True), y)
 
 
-def test_identity_when_off_and_torch_dropout_for_small_inputs():
-    x = torch.randn(FAST_DROPOUT_MIN)
+def test_identity_when_off_and_every_size_masked_alike():
+    x = torch.randn(1000)
     assert dropout(x, 0.3, training=False) is x
     assert dropout(x, 0.0, training=True) is x
-    small = torch.ones(FAST_DROPOUT_MIN - 1)
-    torch.manual_seed(3)
-    ours = dropout(small, 0.3, training=True)
-    torch.manual_seed(3)
-    assert torch.equal(ours, torch.nn.functional.dropout(small, 0.3, training=True))
     assert torch.all(dropout(x, 1.0, training=True) == 0)
+    torch.manual_seed(3)
+    small = dropout(torch.ones(7), 0.5, training=True)  # one 64-bit draw per four elements, even for tiny inputs
+    assert set(small.tolist()) <= {0.0, 2.0}

@@ -1,22 +1,32 @@
-"""fiore.model.kernels.Linear: same results as F.linear (to float32 rounding) on every path, packed copies follow
-weight updates, and autograd still works."""
+"""fiore.model.kernels and the oneDNN linear strategy: the same results as F.linear (to float32 rounding) on every
+path, blocked copies that follow loaded weights and survive copying, and the custom autograd Functions' gradients."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fiore.model import kernels
-from fiore.model.kernels import Linear
+from fiore.model.inference import FEW_ROWS, OneDNNLinear, use_onednn
 
 pytestmark = pytest.mark.skipif(not kernels.ONEDNN, reason="this PyTorch build has no oneDNN linear")
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 64), (4, 1, 64), (3, 2, 64), (kernels.FEW_ROWS + 1, 64), (2, 0, 64)])
-def test_inference_paths_equal_f_linear(shape):
+def onednn_layer(in_f: int, out_f: int, **paths) -> OneDNNLinear:
     torch.manual_seed(0)
-    layer = Linear(64, 96)
+    layer = nn.Linear(in_f, out_f)
+    use_onednn(layer, **{"one_row": True, "rows": True, "narrow": False, **paths})
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (4, 1, 64), (3, 2, 64), (FEW_ROWS + 1, 64), (2, 0, 64)])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_every_path_equals_f_linear(shape, narrow):
+    layer = onednn_layer(64, 96, narrow=narrow)
     x = torch.randn(*shape)
     with torch.inference_mode():
         got = layer(x)
@@ -24,83 +34,55 @@ def test_inference_paths_equal_f_linear(shape):
     assert torch.allclose(got, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
-def test_packed_copy_follows_in_place_weight_updates():
-    torch.manual_seed(0)
-    layer = Linear(32, 48, bias=False)
-    x = torch.randn(4, 32)
+def test_blocked_copy_follows_loaded_weights_and_survives_deepcopy():
+    layer = onednn_layer(32, 48)
+    x = torch.randn(4, 32)  # 4 rows: the blocked copy
     with torch.no_grad():
         before = layer(x)
-        assert layer._packed is not None  # a few-row call made the blocked copy
-        layer.weight.mul_(2.0)  # what an optimizer step or load_state_dict does
-        after = layer(x)
-    assert torch.allclose(after, 2 * before, atol=1e-5)
-    layer.drop_packed()
-    assert layer._packed is None
+        model = nn.Sequential(layer)
+        layer.load_state_dict({"weight": layer.weight * 2, "bias": layer.bias * 2})
+        layer.repack()  # what prepare_for_inference's load hook does for a prepared model
+        assert torch.allclose(layer(x), 2 * before, atol=1e-5)
+        clone = copy.deepcopy(model)[0]
+        assert clone.packed is not None and torch.allclose(clone(x), layer(x), atol=1e-6)
 
 
-def test_gradients_flow_through_the_training_path():
+def test_prepared_model_repacks_when_weights_are_loaded():
+    from fiore.config import preset
+    from fiore.model import FlorenceModel
+    from fiore.model.inference import prepare_for_inference
+
+    cfg = preset("tiny").replace(text={"vocab_size": 300}, image_size=(64, 64))
     torch.manual_seed(0)
-    layer = Linear(16, 8)
-    x = torch.randn(3, 16, requires_grad=True)
-    layer(x).sum().backward()
-    assert x.grad is not None and layer.weight.grad is not None
-    assert torch.allclose(layer.weight.grad, torch.ones(8, 1) * x.detach().sum(0, keepdim=True))
-
-
-def test_modules_with_packed_weights_deep_copy():
-    import copy
-
-    layer = Linear(8, 8)
+    model = prepare_for_inference(FlorenceModel(cfg), "all")
+    fc1 = model.language_model.decoder.layers[0].fc1
+    assert isinstance(fc1, OneDNNLinear) and fc1.packed is not None
+    x = torch.randn(3, fc1.in_features)
+    state = {k: v * 3 if k.endswith("decoder.layers.0.fc1.weight") else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
     with torch.no_grad():
-        layer(torch.randn(3, 8))
-    clone = copy.deepcopy(layer)
-    assert clone._packed is None and torch.equal(clone.weight, layer.weight)
+        assert torch.allclose(fc1(x), F.linear(x, fc1.weight, fc1.bias), atol=1e-5)
 
 
-def _grads(layer, x, fn):
-    for t in (x, layer.weight, layer.bias):
-        t.grad = None
-    out = fn(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
-    return out.detach(), [t.grad for t in (x, layer.weight, layer.bias)]
-
-
-@pytest.mark.parametrize("in_f,out_f", [(32, 96), (128, 32), (64, 64)])
-def test_narrow_training_path_equals_f_linear(in_f, out_f):
+def test_split_heads_gradient_equals_the_view_chain():
     torch.manual_seed(0)
-    layer = Linear(in_f, out_f)
-    x = torch.randn(4, 50, in_f, requires_grad=True)
-    got, got_grads = _grads(layer, x, layer)
-    out = layer(x)
-    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_NarrowLinearBackward"  # the oneDNN path was taken
-    out.mul_(1.0)  # an ordinary view: callers may change it in place (the training loss overwrites its logits)
-    want, want_grads = _grads(layer, x, lambda v: F.linear(v, layer.weight, layer.bias))
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert g.shape == w.shape and torch.allclose(g, w, atol=1e-4, rtol=1e-5)
+    qkv = torch.randn(2, 5, 3 * 8, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3)]
+    (sum((t * w).sum() for t, w in zip(kernels.split_heads(qkv, 2), weights, strict=True))).backward()
+    ours = qkv.grad.clone()
+    qkv.grad = None
+    plain = kernels.heads_view(qkv, 2).unbind(0)
+    (sum((t * w).sum() for t, w in zip(plain, weights, strict=True))).backward()
+    assert torch.equal(ours, qkv.grad)
 
 
-def test_narrow_path_gives_only_the_gradients_asked_for():
+def test_tied_logits_equal_f_linear_with_gradients():
     torch.manual_seed(0)
-    layer = Linear(32, 16)
-    layer.weight.requires_grad_(False)  # e.g. fine-tuning biases only
-    x = torch.randn(40, 32)
-    layer(x).sum().backward()
-    assert layer.weight.grad is None
-    assert torch.allclose(layer.bias.grad, torch.full((16,), 40.0))
-
-
-def test_few_row_calls_keep_the_bias_gradient_when_only_the_bias_trains():
-    torch.manual_seed(0)
-    layer = Linear(128, 96)  # wide: not the narrow path
-    layer.weight.requires_grad_(False)
-    layer(torch.randn(3, 128)).sum().backward()
-    assert torch.allclose(layer.bias.grad, torch.full((96,), 3.0))
-
-
-def test_narrow_layers_under_autocast_use_f_linear():
-    layer = Linear(32, 64)
-    x = torch.randn(100, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-    assert out.dtype is torch.bfloat16 and type(out.grad_fn).__name__ != "_NarrowLinearBackward"
+    hidden = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 4, 11, dtype=torch.float64)
+    (kernels.tied_logits(hidden, kernels.late_alias(weight)) * g).sum().backward()
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (F.linear(hidden, weight) * g).sum().backward()
+    assert torch.allclose(ours[0], hidden.grad) and torch.allclose(ours[1], weight.grad)

@@ -23,14 +23,20 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(transformers model, fiore.Florence loaded from its save_pretrained directory) for the tiny preset."""
+@pytest.fixture(scope="module", params=["none", "all"])
+def pair(request, tmp_path_factory):
+    """(transformers model, fiore.Florence loaded from its save_pretrained directory) for the tiny preset: with the
+    plain modules, and with every inference strategy (`fiore.model.inference`) forced on."""
     config = preset("tiny").replace(text={"vocab_size": NATIVE_VOCAB})
     hf = hf_model(config)
     path = tmp_path_factory.mktemp("hf_tiny")
     hf.save_pretrained(path)
-    return hf, fiore.load(path)
+    florence = fiore.load(path, strategies=request.param)
+    from fiore.model import kernels
+
+    expected = 5 if kernels.ONEDNN else 2  # the oneDNN strategies need a oneDNN build
+    assert len(florence.model.inference_strategies) == (0 if request.param == "none" else expected)
+    return hf, florence
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +76,30 @@ def test_tiny_matches_transformers(pair):
 def test_vision_tower_equals_transformers_in_float64(pair, monkeypatch, size):
     """The same maths, not only close numbers: in float64 rounding vanishes, so any layout or slicing mistake shows.
 
-    SLICE_BYTES is made tiny so inference runs stage 0 in many slices (channel attention accumulated slice by slice,
-    window attention in bands of window rows, the MLP in row slices), and the training path is checked too.
+    The plain modules (what training runs, gradients included) and the inference strategy of sliced vision with a
+    tiny SLICE_BYTES (stage 0 in many slices: channel attention accumulated slice by slice, window attention in
+    bands of window rows, the MLP in row slices) are both checked.
     """
-    import fiore.model.davit as davit
+    from fiore.model import inference
 
-    monkeypatch.setattr(davit, "SLICE_BYTES", 64 << 10)
+    monkeypatch.setattr(inference, "SLICE_BYTES", 64 << 10)
     hf, florence = pair
     hf64 = copy.deepcopy(hf).double()
-    model64 = copy.deepcopy(florence.model).double()
+    model64 = FlorenceModel(florence.config).eval()  # the plain modules, whatever the fixture prepared
+    model64.load_state_dict(florence.model.state_dict())
+    model64.double()
+    sliced64 = copy.deepcopy(model64)
+    for stage in sliced64.vision_tower.blocks:  # the strategy's classes (prepare_for_inference skips float64)
+        for block in stage:
+            block.spatial_block.__class__ = inference.SlicedSpatialBlock
+            block.channel_block.__class__ = inference.SlicedChannelBlock
     torch.manual_seed(3)
     pixel_values = torch.randn(2, 3, *size, dtype=torch.float64)
     with torch.no_grad():
         want = hf64.model.get_image_features(pixel_values).pooler_output
         with torch.inference_mode():
-            sliced = model64.encode_image(pixel_values)
-    whole = model64.encode_image(pixel_values)  # autograd on: the unsliced path taken by training
+            sliced = sliced64.encode_image(pixel_values)
+    whole = model64.encode_image(pixel_values)  # autograd on: the plain modules, as training runs them
     assert max_diff(sliced, want) < 1e-9
     assert max_diff(whole.detach(), want) < 1e-9
     # And the training path's gradients (its attention and head splitting differ from inference's).
@@ -166,26 +180,30 @@ def test_cached_decoding_equals_full_decode(model):
     assert max_diff(torch.cat([prefix, *steps], dim=1), full) < 1e-5
 
 
-def test_stacked_qkv_equals_the_three_projections_and_follows_weight_changes():
-    import copy
+def test_fused_decoder_qkv_is_the_three_projections_and_follows_loaded_weights(model, tmp_path):
+    """The fused decoder strategy: q/k/v parameters are views of one weight (no copy), loading new weights writes
+    through to it, and the state dict keeps the checkpoint's keys as tensors of their own."""
+    from fiore.model.inference import FusedDecoderLayer, prepare_for_inference
 
-    from fiore.model.text import Attention
-
-    torch.manual_seed(0)
-    attn = Attention(32, 4, dropout=0.0).eval()
-    keys = set(attn.state_dict())
-    x = torch.randn(2, 3, 32)
-
-    def separate() -> torch.Tensor:
-        return torch.stack([attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-
+    fused = prepare_for_inference(copy.deepcopy(model), ["fused_decoder"])
+    layer = fused.language_model.decoder.layers[0]
+    assert isinstance(layer, FusedDecoderLayer) and fused.inference_strategies == ("fused_decoder",)
+    attn = layer.self_attn
+    assert attn.q_proj.weight.data_ptr() == layer.fused_qkv.weight.data_ptr()  # a view, not a copy
+    assert set(fused.state_dict()) == set(model.state_dict()) and len(list(fused.parameters())) == len(
+        list(model.parameters())
+    )
+    x = torch.randn(2, 3, attn.q_proj.in_features)
     with torch.no_grad():
-        assert max_diff(attn.qkv(x), separate()) < 1e-6
-        attn.k_proj.weight.mul_(2.0)  # an optimizer step or load_state_dict writes in place
-        attn.v_proj.bias.add_(1.0)
-        assert max_diff(attn.qkv(x), separate()) < 1e-6
-        assert max_diff(copy.deepcopy(attn).qkv(x), separate()) < 1e-6
-    assert set(attn.state_dict()) == keys and len(list(attn.parameters())) == 8  # no keys or parameters of its own
+        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        assert max_diff(layer.fused_qkv(x), separate) < 1e-6
+        state = {k: v * 2 if "self_attn.k_proj" in k else v for k, v in model.state_dict().items()}
+        fused.load_state_dict(state)
+        assert max_diff(layer.fused_qkv(x)[..., attn.q_proj.in_features : 2 * attn.q_proj.in_features],
+                        attn.k_proj(x)) < 1e-6  # fmt: skip
+    saved = fused.state_dict()
+    q = next(v for k, v in saved.items() if k.endswith("decoder.layers.0.self_attn.q_proj.weight"))
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own memory: safetensors can save it
 
 
 def test_cache_select_reorders_and_expands_rows(model):

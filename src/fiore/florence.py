@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -31,11 +32,19 @@ class Florence:
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        strategies: str | Iterable[str] | None = None,
     ) -> Florence:
         """Load a checkpoint directory (either Florence-2 format) or a Hugging Face repository id such as
         "microsoft/Florence-2-base" (from huggingface_hub's cache, downloaded when allowed: `fiore.hub`); no path =
-        the model shipped with fiore."""
+        the model shipped with fiore.
+
+        The model is prepared for inference (`fiore.model.inference.prepare_for_inference`): `strategies` "auto"
+        (default, or $FIORE_STRATEGIES) keeps the speed strategies that measure faster on this machine, "none" the
+        plain modules (to train the loaded model), "all" or a list of names forces them."""
         from fiore import hub
 
         if path is not None and hub.looks_like_repo_id(path):
@@ -47,8 +56,10 @@ class Florence:
                     f"no default model is shipped in this installation ({path} is missing); "
                     "pass a checkpoint directory to fiore.load(path)"
                 )
+        from fiore.model.inference import prepare_for_inference
+
         model, config = load_model(path, device=device, dtype=dtype)
-        return cls(model, config, source=path)
+        return cls(prepare_for_inference(model, strategies), config, source=path)
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +156,11 @@ class Florence:
 
 
 def load(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    strategies: str | Iterable[str] | None = None,
 ) -> Florence:
-    """Load a Florence-2 checkpoint directory; with no path, the default model shipped in `fiore/default_model/`."""
-    return Florence.load(path, device=device, dtype=dtype)
+    """Load a Florence-2 checkpoint, prepared for inference; with no path, the model shipped in `fiore/default_model/`.
+    See `Florence.load`."""
+    return Florence.load(path, device=device, dtype=dtype, strategies=strategies)

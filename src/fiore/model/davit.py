@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fiore.config import VisionConfig
-from fiore.model.kernels import Linear
+from fiore.model.kernels import split_fused, split_heads
 
 
 def as_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -23,12 +23,6 @@ def as_nchw(x: torch.Tensor) -> torch.Tensor:
 def as_nhwc(x: torch.Tensor) -> torch.Tensor:
     """NCHW tensor -> contiguous (B, H, W, C); free when it is channels-last, as oneDNN convs return it."""
     return x.permute(0, 2, 3, 1).contiguous()
-
-
-# Inference processes tokens in slices of about this many activation bytes. Why: stage 0 at 768x768 has 36 864 tokens;
-# whole-map intermediates (a 75 MB MLP hidden, a 56 MB qkv) are above glibc's mmap threshold, so every one of them
-# is fresh zeroed pages (~30 ms of page faults per 56 MB on the build machine), and they do not stay in cache.
-SLICE_BYTES = 4 << 20
 
 
 class ConvEmbed(nn.Module):
@@ -51,8 +45,8 @@ class ConvEmbed(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -82,12 +76,6 @@ class DropPath(nn.Module):
         return mask.div_(keep)
 
 
-def heads_view(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """Fused (N, T, 3*C) qkv -> a (3, N, heads, T, C/heads) view: q, k, v along the first dim, no copy."""
-    N, T, C3 = qkv.shape
-    return qkv.view(N, T, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
-
-
 def window_heads_view(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
     """Fused (B, H, W, 3*C) qkv of whole windows -> a (3, B, H/ws, W/ws, heads, ws, ws, C/heads) view, no copy.
 
@@ -97,44 +85,11 @@ def window_heads_view(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
     return qkv.view(B, H // ws, ws, W // ws, ws, 3, heads, C3 // (3 * heads)).permute(5, 0, 1, 3, 6, 2, 4, 7)
 
 
-class _SplitHeads(torch.autograd.Function):
-    """Training: fused qkv -> contiguous q, k, v of `shape` (N, heads, T, C/heads) each, through `layout`, a function
-    that views the fused tensor as (3, ...) in that order (`heads_view`, `window_heads_view`).
-
-    Why: the view/permute/unbind chain costs two passes over the qkv gradient in backward (unbind stacks the three
-    gradients, then the permute is made contiguous again); here each direction is one strided copy.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, layout, shape: tuple[int, int, int, int]):
-        ctx.layout, ctx.qkv_shape = layout, qkv.shape
-        parts = layout(qkv).contiguous().view(3, *shape)
-        return parts[0], parts[1], parts[2]
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        given = next(g for g in grads if g is not None)
-        out = given.new_empty(ctx.qkv_shape)
-        target = ctx.layout(out)
-        for i, g in enumerate(grads):
-            if g is None:
-                target[i].zero_()
-            else:
-                target[i].copy_(g.reshape(target[i].shape))
-        return out, None, None
-
-
-def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, T, 3*C) -> q, k, v as contiguous (N, heads, T, C/heads) tensors."""
-    N, T, C3 = qkv.shape
-    return _SplitHeads.apply(qkv, lambda t: heads_view(t, heads), (N, heads, T, C3 // (3 * heads)))
-
-
 def split_window_heads(qkv: torch.Tensor, heads: int, ws: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, H, W, 3*C) of whole windows -> q, k, v as contiguous (windows, heads, ws*ws, C/heads) tensors."""
     B, H, W, C3 = qkv.shape
     shape = (B * (H // ws) * (W // ws), heads, ws * ws, C3 // (3 * heads))
-    return _SplitHeads.apply(qkv, lambda t: window_heads_view(t, heads, ws), shape)
+    return split_fused(qkv, lambda t: window_heads_view(t, heads, ws), shape)
 
 
 def merge_window_heads(x: torch.Tensor, B: int, H: int, W: int, ws: int) -> torch.Tensor:
@@ -151,8 +106,8 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = window_size
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) normalised tokens -> (B, H, W, C). H may be any band of rows (windows start at row 0)."""
@@ -163,20 +118,9 @@ class WindowAttention(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
-        if torch.is_grad_enabled() and x.requires_grad:
-            # Training: q, k, v come out of the fused projection already in window order (one copy each way).
-            q, k, v = split_window_heads(self.qkv(x), self.num_heads, ws)
-            if x.device.type == "cpu":
-                # CPU training: with windows this small (T <= 144) plain matmuls + softmax run fwd+bwd ~25% faster
-                # than SDPA's CPU flash kernel; for inference the flash kernel is the faster one (2x at T=144).
-                x = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v  # (nW, heads, T, hd)
-            else:
-                x = F.scaled_dot_product_attention(q, k, v)  # GPU kernels keep the scores out of memory
-        else:
-            # Inference: partitioning the C-wide input is cheaper than copying the 3C-wide qkv into window order,
-            # and SDPA reads q, k, v as strided views.
-            x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-            x = F.scaled_dot_product_attention(*heads_view(self.qkv(x), self.num_heads).unbind(0))  # (nW, heads, T, hd)
+        # q, k, v come out of the fused projection already in window order (one copy each way).
+        q, k, v = split_window_heads(self.qkv(x), self.num_heads, ws)
+        x = F.scaled_dot_product_attention(q, k, v)  # (nW, heads, T, hd)
         x = merge_window_heads(x, B, Hp, Wp, ws)
         if pad_h or pad_w:
             x = x[:, :H, :W]
@@ -189,8 +133,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, dim: int, num_groups: int, qkv_bias: bool):
         super().__init__()
         self.num_groups = num_groups
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C)."""
@@ -202,26 +146,6 @@ class ChannelAttention(nn.Module):
         attn = (q.transpose(-1, -2) @ k * N**-0.5).softmax(-1)  # (B, G, d_i, d_j)
         x = v @ attn.transpose(-1, -2)  # (B, G, N, d_i)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-    def forward_sliced(self, x: torch.Tensor, norm: nn.Module, rows: int) -> torch.Tensor:
-        """Inference: `x + attention(norm(x))` in place on (B, N, C), `rows` tokens at a time.
-
-        The C/G x C/G attention matrix of a group is a sum over tokens, so it is accumulated slice by slice (the
-        values are kept); then each slice of outputs is projected and added. Same maths as `forward`.
-        """
-        B, N, C = x.shape
-        G, d = self.num_groups, C // self.num_groups
-        scores = x.new_zeros(B, G, d, d)
-        values = x.new_empty(B, G, N, d)
-        for r in range(0, N, rows):
-            qkv = heads_view(self.qkv(norm(x[:, r : r + rows])), G)  # (3, B, G, n, d)
-            scores += qkv[0].transpose(-1, -2) @ qkv[1]
-            values[:, :, r : r + rows] = qkv[2]
-        attn = (scores * N**-0.5).softmax(-1).transpose(-1, -2)  # (B, G, d_j, d_i)
-        for r in range(0, N, rows):
-            out = (values[:, :, r : r + rows] @ attn).permute(0, 2, 1, 3).reshape(B, -1, C)
-            x[:, r : r + rows] += self.proj(out)
-        return x
 
 
 class _MixerBlock(nn.Module):
@@ -245,30 +169,12 @@ class _MixerBlock(nn.Module):
         """(B, H, W, C) normalised tokens -> (B, H, W, C)."""
         raise NotImplementedError
 
-    def attend_inplace(self, x: torch.Tensor) -> None:
-        """Inference: x += attend(norm1(x)), sliced (see SLICE_BYTES)."""
-        raise NotImplementedError
-
-    def _rows(self, x: torch.Tensor, width: int) -> int:
-        return max(1, SLICE_BYTES // (width * x.element_size()))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        if torch.is_grad_enabled() or self.training:
-            x = x + as_nhwc(self.conv1(as_nchw(x)))
-            x = self.drop_path.residual(x, self.attend(self.norm1(x)))
-            x = x + as_nhwc(self.conv2(as_nchw(x)))
-            return self.drop_path.residual(x, self.ffn(self.norm2(x)))
-        # Inference: residuals added in place, the per-token parts run on slices of tokens.
-        x = x + as_nhwc(self.conv1(as_nchw(x)))  # a new tensor: the caller's input is never written
-        self.attend_inplace(x)
-        x += as_nhwc(self.conv2(as_nchw(x)))
-        flat = x.view(-1, x.shape[-1])
-        rows = self._rows(x, self.ffn.fc1.out_features)
-        for r in range(0, flat.shape[0], rows):
-            part = flat[r : r + rows]
-            part += self.ffn(self.norm2(part))
-        return x
+        x = x + as_nhwc(self.conv1(as_nchw(x)))
+        x = self.drop_path.residual(x, self.attend(self.norm1(x)))
+        x = x + as_nhwc(self.conv2(as_nchw(x)))
+        return self.drop_path.residual(x, self.ffn(self.norm2(x)))
 
 
 class SpatialBlock(_MixerBlock):
@@ -279,15 +185,6 @@ class SpatialBlock(_MixerBlock):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.window_attn(x)
 
-    def attend_inplace(self, x: torch.Tensor) -> None:
-        # Bands of whole windows (a multiple of `window_size` rows) are independent of each other.
-        B, H, W, C = x.shape
-        ws = self.window_attn.window_size
-        band = ws * max(1, self._rows(x, 4 * C) // (B * ws * W))
-        for r in range(0, H, band):
-            part = x[:, r : r + band]
-            part += self.window_attn(self.norm1(part))
-
 
 class ChannelBlock(_MixerBlock):
     def __init__(self, dim: int, num_groups: int, qkv_bias: bool, mlp_ratio: float, drop_path: float):
@@ -297,10 +194,6 @@ class ChannelBlock(_MixerBlock):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         return self.channel_attn(x.reshape(B, H * W, C)).view(B, H, W, C)
-
-    def attend_inplace(self, x: torch.Tensor) -> None:
-        B, H, W, C = x.shape
-        self.channel_attn.forward_sliced(x.view(B, H * W, C), self.norm1, self._rows(x, 4 * C * B))
 
 
 class Block(nn.Module):

@@ -9,9 +9,9 @@ from fiore.config import ModelConfig
 from fiore.model.cache import DecoderCache
 from fiore.model.contrastive import ContrastiveHeads
 from fiore.model.davit import DaViT
-from fiore.model.kernels import Linear
+from fiore.model.kernels import late_alias, tied_logits
 from fiore.model.projector import Projector, sinusoid_table
-from fiore.model.text import LanguageModel, late_alias, tied_logits
+from fiore.model.text import LanguageModel
 
 SHARED_KEY = "model.language_model.shared.weight"
 # State-dict keys that are the shared token embedding under another name (tied weights).
@@ -44,7 +44,7 @@ class FlorenceModel(nn.Module):
             )
         self.config = config
         self.model = Parts(config)
-        self.lm_head = Linear(config.text.d_model, config.text.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text.d_model, config.text.vocab_size, bias=False)
         self.contrastive = (
             ContrastiveHeads(config.text.d_model, config.contrastive_dim) if config.contrastive_dim > 0 else None
         )

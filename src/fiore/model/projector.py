@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from fiore.config import VisionConfig
-from fiore.model.kernels import Linear
 
 
 class PositionEmbedding2D(nn.Module):
@@ -57,7 +56,7 @@ class Projector(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         dim = cfg.embed_dims[-1]
-        self.image_projection = Linear(dim, cfg.projection_dim, bias=False)
+        self.image_projection = nn.Linear(dim, cfg.projection_dim, bias=False)
         self.image_proj_norm = nn.LayerNorm(cfg.projection_dim)
         self.image_position_embed = PositionEmbedding2D(cfg.max_position_embeddings, dim)
         self.visual_temporal_embed = TemporalEmbedding(cfg.max_temporal_embeddings, dim)

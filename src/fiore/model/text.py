@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fiore.config import TextConfig
 from fiore.model.cache import DecoderCache
-from fiore.model.kernels import Linear, contents_key, dropout
+from fiore.model.kernels import dropout
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU, as BART's "gelu"
@@ -62,10 +62,10 @@ class Attention(nn.Module):
             raise ValueError(f"d_model {dim} is not divisible by {num_heads} attention heads")
         self.num_heads = num_heads
         self.dropout = dropout
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.q_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -74,34 +74,6 @@ class Attention(nn.Module):
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, d) -> keys, values (B, H, S, hd)."""
         return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: (B, t, d) -> (3, B, H, t, hd) views of q, k, v from one matmul.
-
-        Why: a decode step is one token, so each projection is a weight-streaming call with a fixed cost of its own;
-        one call over the three weights stacked (a copy, made on first use and rebuilt when any of the six
-        parameters changes) streams the same bytes once. Same maths as three projections.
-        """
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        key = tuple(contents_key(t) for m in parts for t in (m.weight, m.bias))
-        stacked = self.__dict__.get("_stacked_qkv")
-        if stacked is None or stacked[0] != key:
-            d = self.q_proj.in_features
-            layer = Linear(d, 3 * d, device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
-            with torch.no_grad():
-                layer.weight.copy_(torch.cat([m.weight for m in parts]))
-                layer.bias.copy_(torch.cat([m.bias for m in parts]))
-            layer.requires_grad_(False)
-            stacked = (key, layer)
-            self.__dict__["_stacked_qkv"] = stacked  # not a submodule: no parameters or state-dict keys of its own
-        B, t, d = x.shape
-        return stacked[1](x).view(B, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-
-    def __getstate__(self):
-        # The stacked copy is derived state, rebuilt on first use.
-        state = self.__dict__.copy()
-        state.pop("_stacked_qkv", None)
-        return state
 
     def forward(
         self,
@@ -134,8 +106,8 @@ class EncoderLayer(_FFN):
         d = cfg.d_model
         self.self_attn = Attention(d, cfg.encoder_attention_heads, cfg.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = Linear(d, cfg.encoder_ffn_dim)
-        self.fc2 = Linear(cfg.encoder_ffn_dim, d)
+        self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.activation_function)
         self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
@@ -160,8 +132,8 @@ class DecoderLayer(_FFN):
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.encoder_attn = Attention(d, cfg.decoder_attention_heads, cfg.attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = Linear(d, cfg.decoder_ffn_dim)
-        self.fc2 = Linear(cfg.decoder_ffn_dim, d)
+        self.fc1 = nn.Linear(d, cfg.decoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.activation_function)
         self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
@@ -175,8 +147,6 @@ class DecoderLayer(_FFN):
         layer: int = 0,
     ) -> torch.Tensor:
         """x (B, t, d); encoder_mask (B, 1, 1, N) bool. With a cache, K/V come from (and are written to) it."""
-        if cache is not None and not (torch.is_grad_enabled() or self.training):
-            return self._step(x, encoder_mask, cache, layer)
         k, v = self.self_attn.kv(x)
         if cache is None:
             h = self.self_attn(x, k, v, is_causal=True)
@@ -189,22 +159,6 @@ class DecoderLayer(_FFN):
         h = self.encoder_attn(x, ck, cv, encoder_mask)
         x = self.encoder_attn_layer_norm(x + dropout(h, self.dropout, self.training))
         return self._ffn(x)
-
-    def _step(
-        self, x: torch.Tensor, encoder_mask: torch.Tensor | None, cache: DecoderCache, layer: int
-    ) -> torch.Tensor:
-        """Inference with a cache: `forward`'s maths in fewer tensor operations (a decode step's cost is mostly per
-        operation, not per element) and with q, k, v from one stacked projection."""
-        B, t, d = x.shape
-        attn, cross = self.self_attn, self.encoder_attn
-        q, k, v = attn.qkv(x)
-        k, v = cache.update(layer, k, v)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.causal_mask(t))
-        x = self.self_attn_layer_norm(x + attn.out_proj(h.transpose(1, 2).reshape(B, t, d)))
-        q = cross.q_proj(x).view(B, t, cross.num_heads, d // cross.num_heads).transpose(1, 2)
-        h = F.scaled_dot_product_attention(q, cache.cross_k[layer], cache.cross_v[layer], attn_mask=encoder_mask)
-        x = self.encoder_attn_layer_norm(x + cross.out_proj(h.transpose(1, 2).reshape(B, t, d)))
-        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
 class SharedEmbedding(nn.Embedding):
@@ -223,50 +177,6 @@ class SharedEmbedding(nn.Embedding):
             self.weight.register_post_accumulate_grad_hook(_densify_grad)
             self._densified_id = id(self.weight)
         return F.embedding(input_ids, self.weight, self.padding_idx, sparse=sparse)
-
-
-class _LateAlias(torch.autograd.Function):
-    """Identity whose backward node is created when it is applied: see `late_alias`."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-def late_alias(weight: torch.Tensor) -> torch.Tensor:
-    """The tied weight for the LM head of one training forward; take it before any token of that forward is embedded.
-
-    Why: autograd runs backward nodes newest first, so gradient that flows through this alias reaches the weight after
-    the embeddings' sparse row gradients. Autograd adds a dense gradient that comes after sparse ones in place, if it
-    is a fresh tensor (what `tied_logits` returns); a sparse one that comes after a dense one is added out of place,
-    a full (V, d) copy per lookup (~20 ms each at 51k x 256 on two cores). Same values either way.
-    """
-    return _LateAlias.apply(weight)
-
-
-class _TiedLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight)
-        return hidden.mm(weight.t())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        hidden, weight = ctx.saved_tensors
-        grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None
-        # A fresh (V, d) tensor: autograd's own linear backward hands back a transposed view, never added in place.
-        grad_weight = grad.t().mm(hidden) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight
-
-
-def tied_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(..., d) @ weight (V, d)^T -> (..., V), as `F.linear`, with a weight gradient autograd can add to in place."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _TiedLogits.apply(flat, weight).view(*hidden.shape[:-1], weight.shape[0])
 
 
 def _densify_grad(param: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from fiore.model.contrastive import unicl_loss
+from fiore.model.kernels import token_cross_entropy
 from fiore.train import checkpointing, ddp, lora, memory
 from fiore.train.config import TrainConfig
 from fiore.train.data import Cycle, build_data, make_replay, read_replay, replay_cache
@@ -44,7 +45,6 @@ from fiore.train.mixture import (
     PhaseData,
     combine,
     loader,
-    token_cross_entropy,
 )
 
 # Named parts for `[train] freeze`: (name prefixes, substrings excluded). Tied token embeddings belong to
@@ -348,7 +348,7 @@ def build_model(config: TrainConfig, out_dir: Path, world: ddp.World, stream=Non
     if m.checkpoint is not None:
         import fiore
 
-        florence = fiore.load(starting_checkpoint(config))
+        florence = fiore.load(starting_checkpoint(config), strategies="none")  # weights to train from
         tokenizer = florence.tokenizer
         model_config = florence.config.replace(**overrides)
         torch.manual_seed(config.train.seed)

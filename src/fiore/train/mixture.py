@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from fiore.processor import pad_right
 
@@ -167,78 +166,6 @@ def collate(pixel_values: torch.Tensor, rows_per_image: Sequence[list[Row]], pad
         labels=labels,
         task_index=torch.tensor([r.task for _, r in rows], dtype=torch.long),
     )
-
-
-# Rows per slice in the cross-entropy passes: ~4 MB of float32 logits, so the temporaries stay in cache and are
-# reused from the heap instead of being page-faulted in as one (n, V) block (~100 MB at 480 tokens x 51k).
-_CE_SLICE_BYTES = 4 << 20
-
-
-def _row_slices(logits: torch.Tensor) -> tuple[range, int]:
-    rows = max(1, _CE_SLICE_BYTES // (logits.shape[1] * logits.element_size()))
-    return range(0, logits.shape[0], rows), rows
-
-
-class _TokenCrossEntropy(torch.autograd.Function):
-    """Per-token CE from logits (n, V), computed over row slices.
-
-    With `overwrite_logits` the logits' own memory is the workspace: the forward leaves exp(logit - row max) there
-    and the backward scales it into the gradient (softmax minus one-hot), so no (n, V) buffer is allocated and the
-    exponentials are computed once. PyTorch's CE allocates three such buffers (log_softmax output, nll grad,
-    log_softmax grad); at a 51k vocabulary those passes cost as much as a layer. A second backward through the same
-    graph fails loudly (the saved tensor's version moved) instead of reading a consumed workspace.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, overwrite_logits: bool) -> torch.Tensor:
-        picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # before the logits are overwritten
-        lse = logits.new_empty(logits.shape[0])
-        row_max = logits.new_empty(logits.shape[0], 1)
-        starts, rows = _row_slices(logits)
-        for s in starts:
-            part, m = logits[s : s + rows], row_max[s : s + rows]
-            torch.amax(part, dim=1, keepdim=True, out=m)
-            exps = torch.sub(part, m, out=part if overwrite_logits else None).exp_()
-            torch.sum(exps, dim=1, out=lse[s : s + rows]).log_().add_(m.squeeze(1))
-        ctx.save_for_backward(logits, targets, lse, row_max)
-        ctx.overwrite_logits = overwrite_logits
-        return lse - picked
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, targets, lse, row_max = ctx.saved_tensors
-        if ctx.overwrite_logits:  # logits hold exp(logit - max): softmax = that * exp(max - lse)
-            out = logits.mul_((row_max.squeeze(1) - lse).exp_().mul_(grad).unsqueeze(1))
-        else:
-            out = torch.empty_like(logits)
-            starts, rows = _row_slices(logits)
-            for s in starts:
-                part = torch.sub(logits[s : s + rows], lse[s : s + rows, None], out=out[s : s + rows])
-                part.exp_().mul_(grad[s : s + rows, None])  # softmax * grad while the slice is in cache
-        out.scatter_add_(1, targets.unsqueeze(1), -grad.unsqueeze(1))
-        return out, None, None
-
-
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
-    """logits (n, V) float32, targets (n,) -> per-token cross-entropy (n,); same values and gradients as
-    `F.cross_entropy(logits, targets, reduction="none")`.
-
-    overwrite_logits=True lets the backward reuse the logits' memory for their gradient: only for logits nothing
-    else reads after the loss (an LM head output the caller owns), never for a leaf tensor.
-    """
-    if overwrite_logits and logits.requires_grad and logits.grad_fn is None:
-        raise ValueError("overwrite_logits=True needs logits computed in the graph, not a leaf tensor")
-    return _TokenCrossEntropy.apply(logits, targets, overwrite_logits)
-
-
-def task_losses(logits: torch.Tensor, labels: torch.Tensor, task_index: torch.Tensor, num_tasks: int):
-    """Per-task mean token CE. logits (R,T,V), labels (R,T), task_index (R,) -> (loss_sum (K,), tokens (K,))."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    valid = (labels != IGNORE_INDEX).float()  # (R,T)
-    row_sum = ce.view_as(labels.float()).mul(valid).sum(1)  # (R,)
-    loss_sum = torch.zeros(num_tasks, dtype=row_sum.dtype, device=row_sum.device).index_add_(0, task_index, row_sum)
-    tokens = torch.zeros(num_tasks, dtype=row_sum.dtype, device=row_sum.device).index_add_(0, task_index, valid.sum(1))
-    return loss_sum, tokens
 
 
 def combine(loss_sum: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
