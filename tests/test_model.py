@@ -320,12 +320,18 @@ def test_tied_head_weight_gives_the_same_gradients_and_adds_embedding_rows_in_pl
     pixel_values = torch.randn(2, 3, 64, 64)
     prompt, dec = prompt_ids(2, 6, V), prompt_ids(2, 5, V, seed=2)
 
+    targets = dec.roll(-1, 1)
+
     def grads(late_head: bool) -> tuple[dict[str, torch.Tensor], list]:
         model.zero_grad(set_to_none=True)
-        head = model.head_weight() if late_head else None
-        hidden, mask = model.encode(model.encode_image(pixel_values), prompt)
-        logits = model.logits(model.decode(dec, hidden, mask), head)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), dec.roll(-1, 1).flatten())
+        features = model.encode_image(pixel_values)
+        if late_head:  # the training forward: only target tokens, the head's gradient arranged to come last
+            rows = [torch.arange(2)]
+            logits = model.target_logits(features, prompt, None, dec, torch.ones_like(dec, dtype=torch.bool), rows)
+        else:
+            hidden, mask = model.encode(features, prompt)
+            logits = model.logits(model.decode(dec, hidden, mask)).flatten(0, 1)
+        loss = torch.nn.functional.cross_entropy(logits, targets.flatten())
         with profile(record_shapes=True) as prof:
             loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}, prof.events()
@@ -342,9 +348,9 @@ def test_tied_head_weight_gives_the_same_gradients_and_adds_embedding_rows_in_pl
     assert any(e.name == "aten::add_" and e.input_shapes and e.input_shapes[0] == shape for e in events)
 
     with torch.no_grad():
-        assert model.head_weight() is None
+        assert model._late_head() is None
     model.lm_head.weight.requires_grad_(False)
-    assert model.head_weight() is None
+    assert model._late_head() is None
 
 
 def test_gradient_checkpointing_wraps_davit_blocks_and_text_layers(monkeypatch):

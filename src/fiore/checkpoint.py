@@ -178,6 +178,30 @@ def _text_config(tc: dict) -> TextConfig:
     return TextConfig(**{k: tc.get(k, default) for k, default in _BART_DEFAULTS.items()})
 
 
+# VisionConfig field -> its key in vision_config of (transformers' native, Microsoft's original) config.json: the one
+# place both layouts' names are written (read here, written by `native_config` and `fiore.convert`).
+VISION_KEYS: dict[str, tuple[str, str]] = {
+    "in_chans": ("in_channels", "in_chans"),
+    "embed_dims": ("embed_dim", "dim_embed"),
+    **{
+        name: (name, name)
+        for name in (
+            "depths", "num_heads", "num_groups", "patch_size", "patch_stride", "patch_padding", "patch_prenorm",
+            "window_size", "mlp_ratio", "qkv_bias", "drop_path_rate", "projection_dim",
+        )
+    },
+}  # fmt: skip
+
+
+def vision_fields(v: VisionConfig, original: bool) -> dict:
+    """The VISION_KEYS fields of `v` under one layout's keys (sequences as lists, as JSON has them)."""
+    out = {}
+    for field, keys in VISION_KEYS.items():
+        value = getattr(v, field)
+        out[keys[original]] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _vision_config(vc: dict, original: bool, projection_dim: int | None) -> VisionConfig:
     d = VisionConfig()
     if vc.get("activation_function", "gelu") != "gelu":
@@ -190,31 +214,19 @@ def _vision_config(vc: dict, original: bool, projection_dim: int | None) -> Visi
         sources = vc.get("image_feature_source", ["spatial_avg_pool", "temporal_avg_pool"])
         if list(sources) != ["spatial_avg_pool", "temporal_avg_pool"]:
             raise CheckpointError(f"unsupported image_feature_source {sources}")
-        embed_dims = vc.get("dim_embed", d.embed_dims)
         max_pos = pos.get("max_pos_embeddings", d.max_position_embeddings)
         max_temporal = temporal.get("max_temporal_embeddings", d.max_temporal_embeddings)
     else:
-        embed_dims = vc.get("embed_dim", d.embed_dims)
         max_pos = vc.get("max_position_embeddings", d.max_position_embeddings)
         max_temporal = vc.get("max_temporal_embeddings", d.max_temporal_embeddings)
-    return VisionConfig(
-        in_chans=vc.get("in_channels", d.in_chans),
-        embed_dims=tuple(embed_dims),
-        depths=tuple(vc.get("depths", d.depths)),
-        num_heads=tuple(vc.get("num_heads", d.num_heads)),
-        num_groups=tuple(vc.get("num_groups", d.num_groups)),
-        patch_size=tuple(vc.get("patch_size", d.patch_size)),
-        patch_stride=tuple(vc.get("patch_stride", d.patch_stride)),
-        patch_padding=tuple(vc.get("patch_padding", d.patch_padding)),
-        patch_prenorm=tuple(vc.get("patch_prenorm", d.patch_prenorm)),
-        window_size=vc.get("window_size", d.window_size),
-        mlp_ratio=vc.get("mlp_ratio", d.mlp_ratio),
-        qkv_bias=vc.get("qkv_bias", d.qkv_bias),
-        drop_path_rate=vc.get("drop_path_rate", d.drop_path_rate),
-        projection_dim=vc.get("projection_dim", projection_dim or d.projection_dim),
-        max_position_embeddings=max_pos,
-        max_temporal_embeddings=max_temporal,
-    )
+    fields = {}
+    for field, keys in VISION_KEYS.items():
+        default = getattr(d, field)
+        if field == "projection_dim":
+            default = projection_dim or default
+        value = vc.get(keys[original], default)
+        fields[field] = tuple(value) if isinstance(default, tuple) else value
+    return VisionConfig(**fields, max_position_embeddings=max_pos, max_temporal_embeddings=max_temporal)
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -329,21 +341,8 @@ def native_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> di
     }
     vision_config = {
         "model_type": "florence_vision",
-        "in_channels": v.in_chans,
-        "depths": list(v.depths),
-        "embed_dim": list(v.embed_dims),
-        "num_heads": list(v.num_heads),
-        "num_groups": list(v.num_groups),
-        "patch_size": list(v.patch_size),
-        "patch_stride": list(v.patch_stride),
-        "patch_padding": list(v.patch_padding),
-        "patch_prenorm": list(v.patch_prenorm),
-        "window_size": v.window_size,
-        "drop_path_rate": v.drop_path_rate,
-        "mlp_ratio": v.mlp_ratio,
-        "qkv_bias": v.qkv_bias,
+        **vision_fields(v, original=False),
         "activation_function": "gelu",
-        "projection_dim": v.projection_dim,
         "max_temporal_embeddings": v.max_temporal_embeddings,
         "max_position_embeddings": v.max_position_embeddings,
     }

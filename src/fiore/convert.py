@@ -24,6 +24,7 @@ from fiore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     tokenizer_files,
+    vision_fields,
 )
 from fiore.config import ModelConfig
 from fiore.files import save_tensors
@@ -79,21 +80,8 @@ def original_config(config: ModelConfig) -> dict:
     text["forced_eos_token_id"] = t.eos_token_id
     vision = {
         "model_type": "davit",
-        "in_chans": v.in_chans,
-        "dim_embed": list(v.embed_dims),
-        "depths": list(v.depths),
-        "num_heads": list(v.num_heads),
-        "num_groups": list(v.num_groups),
-        "patch_size": list(v.patch_size),
-        "patch_stride": list(v.patch_stride),
-        "patch_padding": list(v.patch_padding),
-        "patch_prenorm": list(v.patch_prenorm),
-        "window_size": v.window_size,
-        "mlp_ratio": v.mlp_ratio,
-        "qkv_bias": v.qkv_bias,
-        "drop_path_rate": v.drop_path_rate,
+        **vision_fields(v, original=True),
         "enable_checkpoint": False,
-        "projection_dim": v.projection_dim,
         "image_pos_embed": {"type": "learned_abs_2d", "max_pos_embeddings": v.max_position_embeddings},
         "visual_temporal_embedding": {"type": "COSINE", "max_temporal_embeddings": v.max_temporal_embeddings},
         "image_feature_source": ["spatial_avg_pool", "temporal_avg_pool"],

@@ -172,17 +172,6 @@ def _warp(scores: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
     return scores
 
 
-def _select(cache, index: torch.Tensor):
-    """`DecoderCache.select` may reorder in place or return a new cache; accept both."""
-    out = cache.select(index)
-    return cache if out is None else out
-
-
-def _reorder(cache, index: torch.Tensor):
-    out = cache.reorder(index)
-    return cache if out is None else out
-
-
 def _chosen_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tokens] without materialising the full (R, V) log-softmax. logits (R, V), tokens (R,)."""
     return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
@@ -232,7 +221,7 @@ def _greedy_or_sample(model, encoder_hidden, encoder_mask, config: GenerationCon
             rows, row_limit = rows[keep], row_limit[keep]
             enc_h = enc_h.index_select(0, keep)
             enc_m = None if enc_m is None else enc_m.index_select(0, keep)
-            cache = _select(cache, keep)
+            cache = cache.select(keep)
             all_live = False
     del cache
     return [_finish(tokens[i, 1 : n + 1], logprobs[i, :n], limits[i], config) for i, n in enumerate(lengths.tolist())]
@@ -280,7 +269,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
     out_lp, out_score, out_len = fin_lp.clone(), fin_score.clone(), fin_len.clone()
 
     cache = model.new_cache(encoder_hidden, encoder_mask, L)  # the last token is never fed back: L positions
-    cache = _select(cache, torch.arange(B, device=device).repeat_interleave(k))
+    cache = cache.select(torch.arange(B, device=device).repeat_interleave(k))
     enc_h = encoder_hidden.repeat_interleave(k, 0)
     enc_m = None if encoder_mask is None else encoder_mask.repeat_interleave(k, 0)
     items = torch.arange(B, device=device)  # original item of each live item
@@ -350,10 +339,10 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
         if live.numel() == 0:
             break
         rows = (live.unsqueeze(1) * k + parent[live]).reshape(-1)  # cache rows the surviving beams continue
-        if live.numel() == Bl and hasattr(cache, "reorder"):
-            cache = _reorder(cache, rows)  # beams stay within their item: cross-attention K/V need no copy
+        if live.numel() == Bl:
+            cache = cache.reorder(rows)  # beams stay within their item: cross-attention K/V need no copy
         else:
-            cache = _select(cache, rows)
+            cache = cache.select(rows)
         if live.numel() != Bl:
             items, item_limit = items[live], item_limit[live]
             run_seq, run_lp, run_score, parent = run_seq[live], run_lp[live], run_score[live], parent[live]

@@ -141,7 +141,7 @@ class ChannelAttention(nn.Module):
         B, N, C = x.shape
         # Channels attend to channels: scores (B, G, d, d) = q^T k over all N positions (d = C/G), scaled by N^-0.5
         # (the scale both reference implementations get from SDPA, whose "head dim" there is N). Plain matmuls: SDPA
-        # runs its flash kernel with a head dim of N here, ~1.5x slower fwd+bwd.
+        # would run its flash kernel with a head dim of N here (slower: docs/performance.md).
         q, k, v = split_heads(self.qkv(x), self.num_groups)  # (B, G, N, d) each
         attn = (q.transpose(-1, -2) @ k * N**-0.5).softmax(-1)  # (B, G, d_i, d_j)
         x = v @ attn.transpose(-1, -2)  # (B, G, N, d_i)

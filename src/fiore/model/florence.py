@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -192,22 +194,45 @@ class FlorenceModel(nn.Module):
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
         return self.language_model.decoder(decoder_input_ids, None, cache.attention_mask, cache)
 
-    def head_weight(self) -> torch.Tensor | None:
-        """For a training forward: the LM head weight to pass to `logits`, taken before that forward embeds tokens.
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., V) float32 logits from the tied LM head."""
+        return self.lm_head(hidden).float()
 
-        None where it would change nothing: no gradient wanted, the weight frozen, or autocast on (whose casts a
-        custom autograd function would bypass). See `fiore.model.text.late_alias` for why it matters.
-        """
+    def target_logits(
+        self,
+        image_features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        decoder_input_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+        row_groups: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """The training forward of R rows from their image features (R, N, d): float32 logits (n, V) of the target
+        tokens only (`target_mask` (R, t), True on each row's left-aligned target). Rows are decoded in `row_groups`
+        (index tensors), each padded only to its own longest target; tokens come group by group, row-major.
+
+        The tied weight's gradient is arranged here (see `fiore.model.kernels.late_alias`): the LM head's use of the
+        weight is recorded before any token is embedded, so its dense gradient arrives after the embeddings' sparse
+        rows and they are added to it in place."""
+        head = self._late_head()
+        hidden, mask = self.encode(image_features, input_ids, attention_mask)
+        states = []
+        for rows in row_groups:
+            keep = target_mask[rows]
+            T = int(keep.sum(1).max())
+            states.append(self.decode(decoder_input_ids[rows, :T], hidden[rows], mask[rows])[keep[:, :T]])
+        return self._head(torch.cat(states), head)
+
+    def _late_head(self) -> torch.Tensor | None:
+        """The LM head weight through `late_alias`, or None where that changes nothing (no gradient wanted, the
+        weight frozen) or would be wrong (autocast on: a custom autograd function bypasses its casts)."""
         weight = self.lm_head.weight
         if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(weight.device.type):
             return None
         return late_alias(weight)
 
-    def logits(self, hidden: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, t, d) -> (B, t, V) float32 logits from the tied LM head; `head_weight` from `head_weight()` or None."""
-        if head_weight is None:
-            return self.lm_head(hidden).float()
-        return tied_logits(hidden, head_weight).float()
+    def _head(self, hidden: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
+        return self.logits(hidden) if head is None else tied_logits(hidden, head).float()
 
     @torch.no_grad()
     def new_cache(
@@ -243,6 +268,6 @@ class FlorenceModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pixel_values (B, 3, H, W), input_ids (B, T) prompt, decoder_input_ids (B, t) -> logits (B, t, V) float32."""
-        head = self.head_weight()  # before any token is embedded
+        head = self._late_head()  # before any token is embedded
         encoder_hidden, encoder_mask = self.encode(self.encode_image(pixel_values), input_ids, attention_mask)
-        return self.logits(self.decode(decoder_input_ids, encoder_hidden, encoder_mask), head)
+        return self._head(self.decode(decoder_input_ids, encoder_hidden, encoder_mask), head)

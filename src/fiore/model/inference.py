@@ -251,14 +251,15 @@ def _narrow_linears(model) -> list[nn.Linear]:
 
 
 def _decode_linears(model) -> list[nn.Linear]:
-    """Every linear a decode step calls: the decoder's (a fused layer's q/k/v as its fused linear) and the LM head."""
+    """Every linear a decode step calls with a few rows: the decoder's (a fused layer's q/k/v as its fused linear)
+    and the LM head. Cross-attention keys and values are left out: they are projected once, over all encoder
+    tokens."""
     linears = []
     for layer in model.language_model.decoder.layers:
+        attn, cross = layer.self_attn, layer.encoder_attn
         fused = layer.__dict__.get("fused_qkv")
-        separate = {id(m) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)}
-        linears += [m for m in layer.modules() if isinstance(m, nn.Linear) and not (fused and id(m) in separate)]
-        if fused is not None:
-            linears.append(fused)
+        qkv = [fused] if fused is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        linears += [*qkv, attn.out_proj, cross.q_proj, cross.out_proj, layer.fc1, layer.fc2]
     return [*linears, model.lm_head]
 
 

@@ -164,9 +164,9 @@ class DecoderLayer(_FFN):
 class SharedEmbedding(nn.Embedding):
     """The token embedding tied to the LM head; its gradient is sparse (the looked-up rows only) while training.
 
-    Why: dense embedding gradients zero-fill and add two more (V, d) tensors a step (30-50 ms at 51k x 256 on two
-    cores). The sparse rows are summed with the LM head's dense gradient in place when that one arrives last and
-    fresh, which `FlorenceModel.head_weight` arranges (see `late_alias`). Were the LM head left out of a graph, the
+    Why: dense embedding gradients zero-fill and add two more (V, d) tensors a step (docs/performance.md). The sparse
+    rows are summed with the LM head's dense gradient in place when that one arrives last and fresh, which
+    `FlorenceModel.target_logits` arranges (see `kernels.late_alias`). Were the LM head left out of a graph, the
     weight would end up with a sparse gradient, which optimizers such as fused AdamW refuse: a hook turns that back
     into a dense one.
     """

@@ -230,30 +230,22 @@ class MultiTaskLoss(nn.Module):
         order = lengths.argsort(stable=True)
         groups = length_groups(lengths[order].tolist(), self.decode_groups)
         with self.autocast(pixel_values.device):
-            head = model.head_weight()  # before any token is embedded: see FlorenceModel.head_weight
             no_grad = not torch.is_grad_enabled() or vision_frozen(model)
             with torch.no_grad() if no_grad else contextlib.nullcontext():
                 image_features = model.encode_image(pixel_values)  # (B, N, d)
             task_features = image_features if self.vision_from_tasks else image_features.detach()
             features = task_features.index_select(0, image_index)  # (R, N, d)
-            hidden, mask = model.encode(features, input_ids, attention_mask)  # (R, N+Tp, d)
-            states, targets, token_task = [], [], []
-            for rows in order.split(groups):
-                T = int(lengths[rows].max())
-                h = model.decode(decoder_input_ids[rows, :T], hidden[rows], mask[rows])  # (r, T, d)
-                keep = valid[rows, :T]
-                states.append(h[keep])
-                targets.append(labels[rows, :T][keep])
-                token_task.append(task_index[rows].unsqueeze(1).expand(-1, T)[keep])
-            # (n_tokens, V) float32; a view, no copy
-            logits = model.logits(torch.cat(states).unsqueeze(1), head).squeeze(1)
+            row_groups = order.split(groups)
+            logits = model.target_logits(features, input_ids, attention_mask, decoder_input_ids, valid, row_groups)
+            # the same tokens in the same order as the logits: group by group, row-major
+            targets = torch.cat([labels[rows][valid[rows]] for rows in row_groups])
+            token_task = torch.cat([task_index[rows, None].expand_as(valid[rows])[valid[rows]] for rows in row_groups])
             contrastive = None
             if text_ids is not None and bool((text_group >= 0).any()):
                 keep = text_group >= 0
                 images = model.embed_image(image_features[keep])
                 texts = model.embed_text(text_ids[keep], text_mask[keep])
                 contrastive = unicl_loss(images.float(), texts.float(), model.contrastive.scale(), text_group[keep])
-        targets, token_task = torch.cat(targets), torch.cat(token_task)
         ce = token_cross_entropy(logits.float(), targets, overwrite_logits=True)  # only this loss reads them
         K = self.weights.numel()  # tasks + 1: the contrastive loss is the last entry
         loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)

@@ -3,11 +3,10 @@
 Why: a training step allocates and frees the same large activations every step. glibc serves any block above its
 mmap threshold (at most 32 MB) with fresh pages from the kernel and returns them on free, and trims freed memory at
 the top of its heap, so every step page-faults its activations in again: zero-filling them costs as much as the
-arithmetic on them (a 33.5 MB GELU output: 16 ms with a fresh tensor, 4 ms into reused memory, on the 2-core build
-machine). Keeping freed memory in the process, as PyTorch's CUDA caching allocator or jemalloc/tcmalloc would,
-made a tiny-preset step (batch 16, 256x256) 8-20% faster, for fiore and transformers alike, depending on the
-machine's state (`python benchmarks/bench_train.py --allocator both`). The cost: peak memory is not returned to the
-OS until the process ends, which is what a training process wants anyway.
+arithmetic on them. Keeping freed memory in the process, as PyTorch's CUDA caching allocator or jemalloc/tcmalloc
+would, makes a training step faster for fiore and transformers alike (measurements: docs/performance.md;
+`python benchmarks/bench_train.py --allocator both`). The cost: peak memory is not returned to the OS until the
+process ends, which is what a training process wants anyway.
 """
 
 from __future__ import annotations
