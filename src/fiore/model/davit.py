@@ -99,6 +99,17 @@ def merge_window_heads(x: torch.Tensor, B: int, H: int, W: int, ws: int) -> torc
     return x.reshape(B, H, W, heads * hd)
 
 
+def windowed(x: torch.Tensor, ws: int, attend) -> torch.Tensor:
+    """`attend` on (B, H, W, C) zero-padded right/bottom to whole `ws` windows, cropped back. Padded tokens are
+    attended, as in the original (the projections are per token, so cropping after `proj` is the same)."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (-H) % ws, (-W) % ws
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    x = attend(x)
+    return x[:, :H, :W] if pad_h or pad_w else x
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping `window x window` patches (no shift, no relative bias)."""
 
@@ -111,20 +122,15 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) normalised tokens -> (B, H, W, C). H may be any band of rows (windows start at row 0)."""
-        B, H, W, C = x.shape
-        ws = self.window_size
-        # Zero-pad right/bottom to whole windows; padded tokens are attended, as in the original, then cropped.
-        pad_h, pad_w = (-H) % ws, (-W) % ws
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
+        return windowed(x, self.window_size, self._attend)
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hp, Wp, C) of whole windows -> the attention output before `proj`, same shape."""
+        B, Hp, Wp, _ = x.shape
         # q, k, v come out of the fused projection already in window order (one copy each way).
-        q, k, v = split_window_heads(self.qkv(x), self.num_heads, ws)
+        q, k, v = split_window_heads(self.qkv(x), self.num_heads, self.window_size)
         x = F.scaled_dot_product_attention(q, k, v)  # (nW, heads, T, hd)
-        x = merge_window_heads(x, B, Hp, Wp, ws)
-        if pad_h or pad_w:
-            x = x[:, :H, :W]
-        return self.proj(x)
+        return self.proj(merge_window_heads(x, B, Hp, Wp, self.window_size))
 
 
 class ChannelAttention(nn.Module):

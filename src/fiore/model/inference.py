@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiore.model import kernels
-from fiore.model.davit import ChannelBlock, SpatialBlock, as_nchw, as_nhwc, merge_window_heads
+from fiore.model.davit import ChannelBlock, SpatialBlock, as_nchw, as_nhwc, merge_window_heads, windowed
 from fiore.model.kernels import heads_view
 from fiore.model.text import DecoderLayer
 
@@ -80,18 +80,16 @@ class SlicedSpatialBlock(SpatialBlock):
 
 
 def _window_attention(attn, x: torch.Tensor) -> torch.Tensor:
-    B, H, W, C = x.shape
-    ws = attn.window_size
-    pad_h, pad_w = (-H) % ws, (-W) % ws
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-    x = F.scaled_dot_product_attention(*heads_view(attn.qkv(x), attn.num_heads).unbind(0))
-    x = merge_window_heads(x, B, Hp, Wp, ws)
-    if pad_h or pad_w:
-        x = x[:, :H, :W]
-    return attn.proj(x)
+    """`attn(x)` partitioning the C-wide input into windows and reading q, k, v as strided views."""
+
+    def attend(x: torch.Tensor) -> torch.Tensor:
+        B, Hp, Wp, C = x.shape
+        ws = attn.window_size
+        x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        x = F.scaled_dot_product_attention(*heads_view(attn.qkv(x), attn.num_heads).unbind(0))
+        return attn.proj(merge_window_heads(x, B, Hp, Wp, ws))
+
+    return windowed(x, attn.window_size, attend)
 
 
 class SlicedChannelBlock(ChannelBlock):
