@@ -36,7 +36,7 @@ from PIL import Image
 NEW_TOKENS = 100
 NATIVE_VOCAB, IMAGE_TOKEN_ID = 51328, 51289
 SIX_TASKS = ["caption", "detailed_caption", "ocr", "od", "dense_region_caption", "region_proposal"]
-DEFAULT_TOKENIZER = Path("/work/shared/reference/florence2-tokenizer")
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
 CASES = "abcde"
 
 
