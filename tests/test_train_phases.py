@@ -88,8 +88,11 @@ def test_phase_config_is_validated(tmp_path):
 
 
 def test_label_aware_groups_follow_the_texts():
+    from fiore.tokenizer import Tokenizer
+
     class Tok:
         bos_id, eos_id, pad_id = 0, 2, 1
+        frame = Tokenizer.frame  # the real framing, on these ids
 
         def encode(self, text):
             return [10 + len(w) for w in text.split()]

@@ -12,6 +12,7 @@ import torch
 
 from fiore.model import kernels
 from fiore.model.kernels import token_cross_entropy
+from fiore.tokenizer import Tokenizer
 from fiore.train import checkpointing
 from fiore.train.config import ConfigError, TrainConfig, load_config, parse_override
 from fiore.train.loop import Schedule
@@ -91,6 +92,7 @@ class FakeTask:
 
 class FakeTokenizer:
     bos_id, pad_id, eos_id = 0, 1, 2
+    frame = Tokenizer.frame  # the real framing, on these ids
 
     def encode(self, text):
         return [10 + ord(c) % 50 for c in text]

@@ -173,7 +173,7 @@ class Processor:
                 f"prompt is {len(ids)} tokens; the limit is {self.max_prompt_tokens} "
                 f"(Processor(max_prompt_tokens=...) changes it): {prompt[:60]!r}..."
             )
-        return [self.tokenizer.bos_id, *ids, self.tokenizer.eos_id]
+        return self.tokenizer.frame(ids)
 
     def prompt_ids(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt texts -> (input_ids (B, T) long, attention_mask (B, T) long, 1 = token, 0 = right padding)."""

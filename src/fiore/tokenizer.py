@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -155,6 +155,10 @@ class Tokenizer:
     @cached_property
     def eos_id(self) -> int:
         return self.token_to_id("</s>")
+
+    def frame(self, ids: Sequence[int]) -> list[int]:
+        """`<s> ids </s>`: how every prompt and target sequence is framed, in training and at inference."""
+        return [self.bos_id, *ids, self.eos_id]
 
     @cached_property
     def image_id(self) -> int:

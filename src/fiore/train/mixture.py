@@ -126,8 +126,8 @@ class Mixture:
         prompt = task.prompt(text=example.text, region=example.region, image_size=image_size)
         prompt_ids = tok.encode(prompt)[: self.max_prompt_tokens]
         target_ids = tok.encode(task.target(example, image_size))
-        labels = [tok.bos_id, *target_ids, tok.eos_id][: self.max_target_tokens]
-        return Row(task=task_pos, input_ids=[tok.bos_id, *prompt_ids, tok.eos_id], labels=labels)
+        labels = tok.frame(target_ids)[: self.max_target_tokens]
+        return Row(task=task_pos, input_ids=tok.frame(prompt_ids), labels=labels)
 
     def texts(self, sample) -> list[str]:
         """Every prompt and target string this mixture's tasks draw from `sample` (tokenizer training text)."""
@@ -199,7 +199,7 @@ class ContrastiveTexts:
     def batch(self, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (ids (B, T), mask (B, T), group (B,)); a sample without a text gets group -1 (left out of the loss)."""
         tok = self.tokenizer
-        rows = [[tok.bos_id, *tok.encode(t)[: self.max_tokens - 2], tok.eos_id] if t else [tok.bos_id] for t in texts]
+        rows = [tok.frame(tok.encode(t)[: self.max_tokens - 2]) if t else [tok.bos_id] for t in texts]
         ids, mask = pad_right(rows, tok.pad_id)
         first: dict[str, int] = {}
         group = torch.tensor([-1 if t is None else first.setdefault(t, i) for i, t in enumerate(texts)])
