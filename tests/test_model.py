@@ -347,10 +347,16 @@ def test_tied_head_weight_gives_the_same_gradients_and_adds_embedding_rows_in_pl
     assert not [e for e in events if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0] == shape]
     assert any(e.name == "aten::add_" and e.input_shapes and e.input_shapes[0] == shape for e in events)
 
+    # The same training forward without gradients, or with the head frozen, gives the plain logits.
+    features = model.encode_image(pixel_values)
+    hidden, mask = model.encode(features, prompt)
+    want = model.logits(model.decode(dec, hidden, mask)).flatten(0, 1).detach()
+    every_token = torch.ones_like(dec, dtype=torch.bool)
     with torch.no_grad():
-        assert model._late_head() is None
+        assert max_diff(model.target_logits(features, prompt, None, dec, every_token, [torch.arange(2)]), want) < 1e-5
     model.lm_head.weight.requires_grad_(False)
-    assert model._late_head() is None
+    frozen = model.target_logits(features, prompt, None, dec, every_token, [torch.arange(2)])
+    assert max_diff(frozen.detach(), want) < 1e-5
 
 
 def test_gradient_checkpointing_wraps_davit_blocks_and_text_layers(monkeypatch):

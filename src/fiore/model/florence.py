@@ -214,25 +214,14 @@ class FlorenceModel(nn.Module):
         The tied weight's gradient is arranged here (see `fiore.model.kernels.late_alias`): the LM head's use of the
         weight is recorded before any token is embedded, so its dense gradient arrives after the embeddings' sparse
         rows and they are added to it in place."""
-        head = self._late_head()
+        head = late_alias(self.lm_head.weight)  # before any token is embedded
         hidden, mask = self.encode(image_features, input_ids, attention_mask)
         states = []
         for rows in row_groups:
             keep = target_mask[rows]
             T = int(keep.sum(1).max())
             states.append(self.decode(decoder_input_ids[rows, :T], hidden[rows], mask[rows])[keep[:, :T]])
-        return self._head(torch.cat(states), head)
-
-    def _late_head(self) -> torch.Tensor | None:
-        """The LM head weight through `late_alias`, or None where that changes nothing (no gradient wanted, the
-        weight frozen) or would be wrong (autocast on: a custom autograd function bypasses its casts)."""
-        weight = self.lm_head.weight
-        if not (torch.is_grad_enabled() and weight.requires_grad) or torch.is_autocast_enabled(weight.device.type):
-            return None
-        return late_alias(weight)
-
-    def _head(self, hidden: torch.Tensor, head: torch.Tensor | None) -> torch.Tensor:
-        return self.logits(hidden) if head is None else tied_logits(hidden, head).float()
+        return tied_logits(torch.cat(states), head).float()
 
     @torch.no_grad()
     def new_cache(
@@ -268,6 +257,5 @@ class FlorenceModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pixel_values (B, 3, H, W), input_ids (B, T) prompt, decoder_input_ids (B, t) -> logits (B, t, V) float32."""
-        head = self._late_head()  # before any token is embedded
         encoder_hidden, encoder_mask = self.encode(self.encode_image(pixel_values), input_ids, attention_mask)
-        return self._head(self.decode(decoder_input_ids, encoder_hidden, encoder_mask), head)
+        return self.logits(self.decode(decoder_input_ids, encoder_hidden, encoder_mask))

@@ -264,8 +264,6 @@ def _decode_linears(model) -> list[nn.Linear]:
 def measure(model) -> dict[str, bool]:
     """Time every strategy against the plain module on this machine, with the model's weights and shapes."""
     verdicts = dict.fromkeys(STRATEGIES, False)
-    if not kernels.ONEDNN:
-        verdicts["sliced_vision"] = verdicts["fused_decoder"] = True  # plain PyTorch: measured below
     with torch.inference_mode():
         layer = model.language_model.decoder.layers[0]
         fc1 = layer.fc1

@@ -92,17 +92,25 @@ def late_alias(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _TiedLogits(torch.autograd.Function):
+    """hidden @ weight^T, as `F.linear` computes it: in autocast's dtype when autocast is on (forward and backward),
+    gradients returned in their inputs' dtypes. The weight gradient is a fresh tensor (autograd's own linear backward
+    hands back a transposed view, never added in place)."""
+
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight)
-        return hidden.mm(weight.t())
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(h, w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return h.mm(w.t())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight = ctx.saved_tensors
-        grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None
-        # A fresh (V, d) tensor: autograd's own linear backward hands back a transposed view, never added in place.
-        grad_weight = grad.t().mm(hidden) if ctx.needs_input_grad[1] else None
+        h, w = ctx.saved_tensors
+        grad = grad.to(h.dtype)
+        grad_hidden = grad.mm(w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t().mm(h).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return grad_hidden, grad_weight
 
 

@@ -162,7 +162,7 @@ class DecoderLayer(_FFN):
 
 
 class SharedEmbedding(nn.Embedding):
-    """The token embedding tied to the LM head; its gradient is sparse (the looked-up rows only) while training.
+    """The token embedding tied to the LM head; its gradient is sparse (the looked-up rows only).
 
     Why: dense embedding gradients zero-fill and add two more (V, d) tensors a step (docs/performance.md). The sparse
     rows are summed with the LM head's dense gradient in place when that one arrives last and fresh, which
@@ -171,12 +171,10 @@ class SharedEmbedding(nn.Embedding):
     into a dense one.
     """
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        sparse = self.training and torch.is_grad_enabled() and self.weight.requires_grad
-        if sparse and getattr(self, "_densified_id", None) != id(self.weight):  # the weight may be re-assigned
-            self.weight.register_post_accumulate_grad_hook(_densify_grad)
-            self._densified_id = id(self.weight)
-        return F.embedding(input_ids, self.weight, self.padding_idx, sparse=sparse)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, sparse=True, **kwargs)
+        # Module.to() and load_state_dict keep this Parameter object, so the hook stays with the weight.
+        self.weight.register_post_accumulate_grad_hook(_densify_grad)
 
 
 def _densify_grad(param: torch.Tensor) -> None:
