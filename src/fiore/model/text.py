@@ -172,9 +172,14 @@ class SharedEmbedding(nn.Embedding):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, sparse=True, **kwargs)
+        super().__init__(*args, **kwargs)
         # Module.to() and load_state_dict keep this Parameter object, so the hook stays with the weight.
         self.weight.register_post_accumulate_grad_hook(_densify_grad)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # sparse=True in the call, not as the module's `sparse` flag: DDP would then expect a sparse gradient, and
+        # the tied head's dense gradient is what arrives.
+        return F.embedding(input_ids, self.weight, self.padding_idx, sparse=True)
 
 
 def _densify_grad(param: torch.Tensor) -> None:
