@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiore.draw import colour, instances, summary, supervision_arrays
+from fiore.draw import colour, summary, supervision_arrays
 from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
 
 BOXES = Boxes([[10, 20, 60, 70], [5, 5, 20, 15]], ["star", "disc"], [0.9, 0.25], task="od", score=0.8)
@@ -92,7 +92,7 @@ def test_supervision_arrays_and_optional_dependency():
 
 
 def test_instances_and_summary():
-    assert [i.kind for i in instances(Mixed(boxes=BOXES))] == ["box", "box"]
+    assert [i.kind for i in Mixed(boxes=BOXES).instances()] == ["box", "box"]
     assert summary(BOXES) == "2: star 0.90, disc 0.25"
     assert summary(Label("cat")) == "cat"
     assert summary(Boxes([], [], None)) == "nothing found"

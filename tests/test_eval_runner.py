@@ -7,51 +7,20 @@ import contextlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
+import fiore.tasks
 from fiore.data.sample import QA, Object, Sample
 from fiore.eval import evaluate, headline_metrics
 from fiore.eval.runner import resolve_tasks
+from fiore.results import Boxes, Label, Polygons, Text
 
 pytest.importorskip("pycocotools")
 
 
-# ---------------------------------------------------------------------------------- fakes (Result-shaped records)
-
-
-@dataclass
-class Boxes:
-    boxes: list
-    labels: list
-    scores: list | None = None
-    truncated: bool = False
-    warnings: list = field(default_factory=list)
-
-    def to_json(self):
-        return {"type": "Boxes", "boxes": self.boxes, "labels": self.labels, "scores": self.scores}
-
-
-@dataclass
-class Text:
-    text: str
-    truncated: bool = False
-
-    def to_json(self):
-        return {"type": "Text", "text": self.text}
-
-
-@dataclass
-class Label:
-    label: str
-
-
-@dataclass
-class Polygons:
-    polygons: list
-    labels: list
-    scores: list | None = None
+# ---------------------------------------------------------------------------------- fakes (tasks with real scorers)
 
 
 @dataclass
@@ -62,8 +31,11 @@ class Example:
 
 
 class FakeTask:
+    """A task drawing its own examples, scored by the catalogue task of that name's scorer."""
+
     def __init__(self, name, inputs, make):
         self.name, self.token, self.inputs, self._make = name, f"<{name.upper()}>", inputs, make
+        self.scorer = fiore.tasks.get(name).scorer
 
     def examples(self, sample):
         return self._make(sample)

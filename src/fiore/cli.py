@@ -340,7 +340,7 @@ def eval_(
         raise typer.BadParameter(str(e), param_hint="--tasks") from None
     from fiore.eval.scorers import required_modules
 
-    _require(required_modules(t.name for t in task_list), "fiore eval of these tasks")
+    _require(required_modules(task_list), "fiore eval of these tasks")
     samples = samples[:limit] if limit is not None else samples
     if swap:
         try:

@@ -1,17 +1,18 @@
 """What a user does with a `Result` after predicting: draw it over the image, export it to COCO or supervision.
 
-Results are read by their public fields (`boxes`, `polygons`, `quads`, `phrases`, `labels`, `scores`, `text`,
-`label`), so every result type — and any object with the same fields — goes through one code path: `instances`.
-Coordinates are pixels of the original image, x1, y1, x2, y2 (boxes) or flat x, y rings (polygons, quads).
+Every result type goes through one code path: its `instances()` (boxes, polygons, quads with label and score) and
+`as_text()` (captions, OCR, answers, labels). Coordinates are pixels of the original image, x1, y1, x2, y2 (boxes)
+or flat x, y rings (polygons, quads).
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
+
+from fiore.results import Instance, Result
 
 # Colour-blind friendly, high-contrast palette (Okabe-Ito + extras); a label always gets the same colour.
 PALETTE = [
@@ -26,73 +27,6 @@ PALETTE = [
     (120, 200, 40),
     (255, 80, 80),
 ]
-
-
-@dataclass
-class Instance:
-    """One drawable thing: `kind` "box" (coords x1,y1,x2,y2), "polygon" (list of flat rings) or "quad" (8 floats)."""
-
-    kind: str
-    coords: list
-    label: str
-    score: float | None
-
-
-def _at(values, i):
-    if values is None or i >= len(values):
-        return None
-    return values[i]
-
-
-def _float_or_none(value):
-    return None if value is None else float(value)
-
-
-def instances(result) -> list[Instance]:
-    """Every located instance of a result, in its order. Text-only results have none."""
-    out: list[Instance] = []
-    parts = [getattr(result, n, None) for n in ("boxes", "polygons")]
-    if any(hasattr(p, "labels") for p in parts):  # Mixed: a Boxes and a Polygons result inside
-        return [inst for p in parts if p is not None for inst in instances(p)]
-    scores = getattr(result, "scores", None)
-    phrases = getattr(result, "phrases", None)
-    if phrases is not None:  # phrase grounding: one phrase, several boxes
-        for i, phrase in enumerate(phrases):
-            for box in _at(getattr(result, "boxes", None), i) or []:
-                out.append(Instance("box", [float(v) for v in box], str(phrase), _float_or_none(_at(scores, i))))
-        return out
-    labels = getattr(result, "labels", None) or []
-    boxes = getattr(result, "boxes", None)
-    polygons = getattr(result, "polygons", None)
-    quads = getattr(result, "quads", None)
-    for geoms, kind in ((boxes, "box"), (polygons, "polygon"), (quads, "quad")):
-        for i, g in enumerate(geoms or []):
-            if kind == "polygon":
-                coords = [[float(v) for v in ring] for ring in g]
-            else:
-                coords = [float(v) for v in g]
-            out.append(Instance(kind, coords, str(_at(labels, i) or ""), _float_or_none(_at(scores, i))))
-    return out
-
-
-def result_text(result) -> str | None:
-    """The text of a text-like result (caption, OCR, VQA answer, class label), else None."""
-    for name in ("text", "label"):
-        value = getattr(result, name, None)
-        if isinstance(value, str):
-            return value
-    return None
-
-
-def bbox_of(inst: Instance) -> list[float]:
-    """Axis-aligned x1, y1, x2, y2 around an instance."""
-    if inst.kind == "box":
-        return list(inst.coords)
-    flat = [v for ring in inst.coords for v in ring] if inst.kind == "polygon" else inst.coords
-    xs, ys = flat[0::2], flat[1::2]
-    if not xs:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [min(xs), min(ys), max(xs), max(ys)]
 
 
 def _area_rings(inst: Instance) -> list[list[float]]:
@@ -126,19 +60,16 @@ def _caption(inst: Instance) -> str:
     return f"{inst.label} {inst.score:.2f}".strip()
 
 
-def plot(result, image: Image.Image | None = None, *, line_width: int | None = None) -> Image.Image:
+def plot(result: Result, image: Image.Image | None = None, *, line_width: int | None = None) -> Image.Image:
     """A copy of `image` (RGB) with the result drawn: boxes, polygons, quads with `label score`, text in a banner.
 
-    Without an image, draws on a grey canvas of `result.image_size` (width, height) when the result carries one,
-    else one just large enough for the instances.
+    Without an image, draws on a grey canvas just large enough for the instances.
     """
-    insts = instances(result)
+    insts = result.instances()
     if image is None:
-        size = getattr(result, "image_size", None)
-        if size is None:
-            xs = [bbox_of(i)[2] for i in insts] or [256]
-            ys = [bbox_of(i)[3] for i in insts] or [256]
-            size = (max(64, int(max(xs)) + 1), max(64, int(max(ys)) + 1))
+        xs = [i.bbox()[2] for i in insts] or [256]
+        ys = [i.bbox()[3] for i in insts] or [256]
+        size = (max(64, int(max(xs)) + 1), max(64, int(max(ys)) + 1))
         image = Image.new("RGB", tuple(int(v) for v in size), (96, 96, 96))
     canvas = image.convert("RGB").copy()
     W, H = canvas.size
@@ -167,24 +98,23 @@ def plot(result, image: Image.Image | None = None, *, line_width: int | None = N
         text = _caption(inst)
         if not text:
             continue
-        x1, y1, _, _ = bbox_of(inst)
+        x1, y1, _, _ = inst.bbox()
         l, t, r, b = draw.textbbox((0, 0), text, font=font)
         tw, th = r - l + 4, b - t + 4
         x = min(max(0, x1), max(0, W - tw))
         y = y1 - th if y1 - th >= 0 else y1
         draw.rectangle([x, y, x + tw, y + th], fill=colour(inst.label))
         draw.text((x + 2 - l, y + 2 - t), text, fill=(0, 0, 0), font=font)
-    text = result_text(result)
+    text = result.as_text()
     if text:
-        score = getattr(result, "score", None)
-        banner = text if score is None else f"{text}  ({float(score):.2f})"
+        banner = text if result.score is None else f"{text}  ({float(result.score):.2f})"
         l, t, r, b = draw.textbbox((0, 0), banner, font=font)
         draw.rectangle([0, 0, min(W, r - l + 8), b - t + 8], fill=(0, 0, 0))
         draw.text((4 - l, 4 - t), banner, fill=(255, 255, 255), font=font)
     return canvas
 
 
-def to_coco(result, image_id: int | str, categories: dict[str, int] | None = None) -> list[dict]:
+def to_coco(result: Result, image_id: int | str, categories: dict[str, int] | None = None) -> list[dict]:
     """COCO result records for one image.
 
     Located results -> one detection record per instance: {"image_id", "category_id", "category_name", "bbox"
@@ -193,11 +123,10 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
     across images yields one consistent category list. Text results -> [{"image_id", "caption"}] (COCO captions).
     """
     categories = {} if categories is None else categories
-    insts = instances(result)
+    insts = result.instances()
     if not insts:
-        text = result_text(result)
-        has_geometry = any(getattr(result, n, None) is not None for n in ("boxes", "polygons", "quads", "phrases"))
-        return [{"image_id": image_id, "caption": text}] if text is not None and not has_geometry else []
+        text = result.as_text()
+        return [{"image_id": image_id, "caption": text}] if text is not None else []
     records = []
     degenerate = 0
     for inst in insts:
@@ -209,7 +138,7 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
                 continue
         if inst.label not in categories:
             categories[inst.label] = max(categories.values(), default=0) + 1
-        x1, y1, x2, y2 = bbox_of(inst)
+        x1, y1, x2, y2 = inst.bbox()
         rec = {
             "image_id": image_id,
             "category_id": categories[inst.label],
@@ -229,21 +158,22 @@ def to_coco(result, image_id: int | str, categories: dict[str, int] | None = Non
     return records
 
 
-def _region_answer(result, resolution_wh) -> Instance | None:
+def _region_answer(result: Result, resolution_wh) -> Instance | None:
     """Region to category / description answers echo their region (`car<loc_52>...<loc_774>`): that box."""
     from fiore.tasks.locations import LOC_RE, tokens_to_points
 
     raw = getattr(result, "raw", None)
-    label = result_text(result)
+    label = result.as_text()
     if resolution_wh is None or not isinstance(raw, str) or label is None:
         return None
     locs = [int(k) for k in LOC_RE.findall(raw)]
     if len(locs) != 4:
         return None
-    return Instance("box", tokens_to_points(locs, resolution_wh), label, _float_or_none(result.score))
+    score = None if result.score is None else float(result.score)
+    return Instance("box", tokens_to_points(locs, resolution_wh), label, score)
 
 
-def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> dict:
+def supervision_arrays(result: Result, resolution_wh: tuple[int, int] | None = None) -> dict:
     """The arrays `supervision.Detections` is built from: xyxy (n, 4) float32, confidence (n,) float32 (NaN where
     a score is missing), class_id (n,) int, data["class_name"] (n,) str (class ids follow first appearance); for
     polygon results mask (n, h, w) bool (needs `resolution_wh`), for quads data["xyxyxyxy"] (n, 4, 2), as
@@ -252,7 +182,7 @@ def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> 
     description answers give their region's box."""
     import numpy as np
 
-    insts = instances(result)
+    insts = result.instances()
     if not insts and (region := _region_answer(result, resolution_wh)) is not None:
         insts = [region]
     insts = [Instance(i.kind, _area_rings(i), i.label, i.score) if i.kind == "polygon" else i for i in insts]
@@ -261,7 +191,7 @@ def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> 
     for inst in insts:
         names.setdefault(inst.label, len(names))
     arrays = {
-        "xyxy": np.array([bbox_of(i) for i in insts], dtype=np.float32).reshape(-1, 4),
+        "xyxy": np.array([i.bbox() for i in insts], dtype=np.float32).reshape(-1, 4),
         "confidence": np.array([np.nan if i.score is None else i.score for i in insts], dtype=np.float32),
         "class_id": np.array([names[i.label] for i in insts], dtype=int),
         "data": {"class_name": np.array([i.label for i in insts], dtype=str)},
@@ -283,7 +213,7 @@ def supervision_arrays(result, resolution_wh: tuple[int, int] | None = None) -> 
     return arrays
 
 
-def to_supervision(result, resolution_wh: tuple[int, int] | None = None):
+def to_supervision(result: Result, resolution_wh: tuple[int, int] | None = None):
     """A `supervision.Detections` (optional dependency: `pip install supervision`); `resolution_wh` = the image's
     (width, height), needed for polygon masks and region answers (as `Detections.from_vlm` needs it)."""
     try:
@@ -293,12 +223,12 @@ def to_supervision(result, resolution_wh: tuple[int, int] | None = None):
     return sv.Detections(**supervision_arrays(result, resolution_wh))
 
 
-def summary(result, limit: int = 6) -> str:
+def summary(result: Result, limit: int = 6) -> str:
     """One line for a terminal table: the text, or `n x label score` for the first instances."""
-    text = result_text(result)
+    text = result.as_text()
     if text is not None:
         return text
-    insts = instances(result)
+    insts = result.instances()
     shown = ", ".join(_caption(i) or "?" for i in insts[:limit])
     more = f", … (+{len(insts) - limit})" if len(insts) > limit else ""
     return f"{len(insts)}: {shown}{more}" if insts else "nothing found"

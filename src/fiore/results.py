@@ -18,6 +18,34 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 
+@dataclass
+class Instance:
+    """One located thing of a result, in pixels: `kind` "box" (`coords` x1, y1, x2, y2), "polygon" (a list of flat
+    rings [x1, y1, x2, y2, ...]) or "quad" (8 floats); `label` ("" when the task has none); `score` or None."""
+
+    kind: str
+    coords: list
+    label: str
+    score: float | None = None
+
+    def bbox(self) -> list[float]:
+        """Axis-aligned x1, y1, x2, y2 around the instance ([0, 0, 0, 0] for a polygon without points)."""
+        if self.kind == "box":
+            return list(self.coords)
+        flat = [v for ring in self.coords for v in ring] if self.kind == "polygon" else self.coords
+        xs, ys = flat[0::2], flat[1::2]
+        return [min(xs), min(ys), max(xs), max(ys)] if xs else [0.0, 0.0, 0.0, 0.0]
+
+
+def _nth(values, i):
+    return None if values is None or i >= len(values) else values[i]
+
+
+def _score(values, i) -> float | None:
+    value = _nth(values, i)
+    return None if value is None else float(value)
+
+
 def _token(task: str) -> str:
     if not task:
         raise ValueError("this result has no task name set; to_florence() needs it to build the task key")
@@ -37,6 +65,15 @@ class Result:
 
     def _florence_value(self) -> Any:
         raise NotImplementedError
+
+    def instances(self) -> list[Instance]:
+        """Every located instance, in generation order; text answers have none. Drawing, exports and the eval
+        scorers read results through this one list."""
+        return []
+
+    def as_text(self) -> str | None:
+        """The answer as text for text answers (caption, OCR, VQA answer, label), else None."""
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict: {"type": class name, field: value, ...}."""
@@ -83,6 +120,9 @@ class Text(Result):
     text: str
     raw: str | None = None
 
+    def as_text(self) -> str:
+        return self.text
+
     def _florence_value(self) -> str:
         return self.text if self.raw is None else self.raw
 
@@ -95,6 +135,9 @@ class Label(Result):
     label: str
     raw: str | None = None
     ranking: list[tuple[str, float]] | None = None
+
+    def as_text(self) -> str:
+        return self.label
 
     def _florence_value(self) -> str:
         return self.label if self.raw is None else self.raw
@@ -110,6 +153,12 @@ class Boxes(Result):
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    def instances(self) -> list[Instance]:
+        return [
+            Instance("box", [float(v) for v in box], str(_nth(self.labels, i) or ""), _score(self.scores, i))
+            for i, box in enumerate(self.boxes)
+        ]
 
     def _florence_value(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bboxes": [list(b) for b in self.boxes], "labels": list(self.labels)}
@@ -128,6 +177,14 @@ class Phrases(Result):
 
     def __len__(self) -> int:
         return len(self.phrases)
+
+    def instances(self) -> list[Instance]:
+        """One box instance per box, labelled by its phrase, with the phrase's score."""
+        return [
+            Instance("box", [float(v) for v in box], str(phrase), _score(self.scores, i))
+            for i, phrase in enumerate(self.phrases)
+            for box in _nth(self.boxes, i) or []
+        ]
 
     def _florence_value(self) -> dict[str, Any]:
         # The official shape repeats the phrase once per box.
@@ -148,6 +205,17 @@ class Polygons(Result):
     def __len__(self) -> int:
         return len(self.polygons)
 
+    def instances(self) -> list[Instance]:
+        return [
+            Instance(
+                "polygon",
+                [[float(v) for v in ring] for ring in rings],
+                str(_nth(self.labels, i) or ""),
+                _score(self.scores, i),
+            )  # fmt: skip
+            for i, rings in enumerate(self.polygons)
+        ]
+
     def _florence_value(self) -> dict[str, Any]:
         return {"polygons": [[list(r) for r in inst] for inst in self.polygons], "labels": list(self.labels)}
 
@@ -163,6 +231,12 @@ class Quads(Result):
     def __len__(self) -> int:
         return len(self.quads)
 
+    def instances(self) -> list[Instance]:
+        return [
+            Instance("quad", [float(v) for v in quad], str(_nth(self.labels, i) or ""), _score(self.scores, i))
+            for i, quad in enumerate(self.quads)
+        ]
+
     def _florence_value(self) -> dict[str, Any]:
         return {"quad_boxes": [list(q) for q in self.quads], "labels": list(self.labels)}
 
@@ -177,6 +251,9 @@ class Mixed(Result):
     def __len__(self) -> int:
         return len(self.boxes) + len(self.polygons)
 
+    def instances(self) -> list[Instance]:
+        return self.boxes.instances() + self.polygons.instances()
+
     def _florence_value(self) -> dict[str, Any]:
         return {
             "bboxes": [list(b) for b in self.boxes.boxes],
@@ -186,4 +263,4 @@ class Mixed(Result):
         }
 
 
-__all__ = ["Boxes", "Label", "Mixed", "Phrases", "Polygons", "Quads", "Result", "Text"]
+__all__ = ["Boxes", "Instance", "Label", "Mixed", "Phrases", "Polygons", "Quads", "Result", "Text"]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fiore.eval.report import Report, TaskReport
-from fiore.eval.scorers import Scorer, scorer_for
+from fiore.eval.scorers import Scorer
 
 
 def resolve_tasks(tasks: Iterable[Any] | str | None) -> list[Any]:
@@ -55,9 +55,11 @@ class _TaskRun:
         self.scorer: Scorer | None = None
         self.java = java
 
-    def scorer_for(self, target) -> Scorer:
+    def scorer_for(self) -> Scorer:
         if self.scorer is None:
-            self.scorer = scorer_for(self.task.name, target)(java=self.java)
+            if self.task.scorer is None:
+                raise ValueError(f"task {self.task.name!r} names no scorer (Task.scorer): it cannot be evaluated")
+            self.scorer = self.task.scorer(java=self.java)
             self.report.headline = self.scorer.headline
         return self.scorer
 
@@ -302,7 +304,7 @@ def _score(chunk, work, predictions, failed, runs) -> list[dict[str, Any]]:
             for ex in examples:
                 item = {"text": key[0], "region": key[1], "prediction": _to_json(pred), "target": _to_json(ex.target)}
                 try:
-                    run.scorer_for(ex.target).add(sample, ex, pred)
+                    run.scorer_for().add(sample, ex, pred)
                     run.report.examples += 1
                 except Exception as e:
                     msg = _message("prediction could not be scored", sample, e)

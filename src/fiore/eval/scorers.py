@@ -1,8 +1,6 @@
 """Task-aware scorers: each collects (sample, example, prediction) triples for one task and turns them into the
-task's metrics by calling `fiore.eval.metrics`. Results are read by their fields (duck typing on `fiore.results`),
-so scorers work on any Result-shaped object.
-
-Which scorer a task gets is data (`SCORERS`); a task missing from the table is scored by the type of its target.
+task's metrics by calling `fiore.eval.metrics`. Results are read through `Result.instances()` and
+`Result.as_text()`. Each `fiore.tasks.Task` names its scorer class (`Task.scorer`).
 """
 
 from __future__ import annotations
@@ -11,63 +9,36 @@ from collections.abc import Iterable
 from typing import Any
 
 from fiore.eval import metrics as M
+from fiore.results import Phrases, Result
 
 
-def _scores(result: Any, n: int) -> list[float]:
-    s = getattr(result, "scores", None)
-    if s is None or len(s) != n:
-        # No per-instance confidences: fall back to the sequence score, then 1.0 (ties keep generation order).
-        seq = getattr(result, "score", None)
-        return [float(seq) if seq is not None else 1.0] * n
-    return [float(x) for x in s]
-
-
-def detections(result: Any, label_override: str | None = None) -> M.Detections:
-    """Any box- or mask-shaped Result (Boxes, Polygons, Mixed, Phrases) as metric `Detections`."""
+def detections(result: Result | None, label_override: str | None = None) -> M.Detections:
+    """The located instances of a result (`Result.instances()`) as metric `Detections`: boxes as they are,
+    polygons and quads with the box around them (a polygon without any point is dropped). An instance without a
+    confidence takes the sequence score, then 1.0 (ties keep generation order)."""
     if result is None:
         return M.Detections([], [])
-    if hasattr(result, "boxes") and hasattr(result, "polygons") and not hasattr(result, "labels"):  # Mixed
-        a, b = detections(result.boxes, label_override), detections(result.polygons, label_override)
-        polys = [[] for _ in a.boxes] + list(b.polygons or [])
-        return M.Detections(
-            list(a.boxes) + list(b.boxes), list(a.labels) + list(b.labels), list(a.scores) + list(b.scores), polys
-        )
-    if hasattr(result, "phrases"):  # Phrases: one instance per box, labelled by its phrase
-        boxes, labels, scores = [], [], []
-        for phrase, group, score in zip(
-            result.phrases, result.boxes, _scores(result, len(result.phrases)), strict=True
-        ):
-            boxes += [tuple(b) for b in group]
-            labels += [phrase] * len(group)
-            scores += [score] * len(group)
-        return M.Detections(boxes, [label_override or x for x in labels], scores)
-    if hasattr(result, "polygons"):
-        polys = [list(p) for p in result.polygons]
-        keep = [i for i, p in enumerate(polys) if M.polygons_box(p) is not None]
-        labels = list(getattr(result, "labels", None) or [""] * len(polys))
-        sc = _scores(result, len(polys))
-        return M.Detections(
-            [M.polygons_box(polys[i]) for i in keep],
-            [label_override or labels[i] for i in keep],
-            [sc[i] for i in keep],
-            [polys[i] for i in keep],
-        )
-    boxes = [tuple(b) for b in getattr(result, "boxes", [])]
-    labels = list(getattr(result, "labels", None) or [""] * len(boxes))
-    return M.Detections(boxes, [label_override or x for x in labels], _scores(result, len(boxes)))
+    fallback = 1.0 if result.score is None else float(result.score)
+    boxes, labels, scores, rings = [], [], [], []
+    for inst in result.instances():
+        if inst.kind == "box":
+            box, shape = tuple(inst.coords), []
+        else:
+            shape = inst.coords if inst.kind == "polygon" else [inst.coords]
+            box = M.polygons_box(shape)
+            if box is None:
+                continue
+        boxes.append(box)
+        labels.append(label_override or inst.label)
+        scores.append(fallback if inst.score is None else inst.score)
+        rings.append(shape)
+    has_shapes = any(inst.kind != "box" for inst in result.instances())
+    return M.Detections(boxes, labels, scores, rings if has_shapes else None)
 
 
-def text_of(result: Any) -> str | None:
-    """The text of a Text/Label result (or a plain string)."""
-    if result is None:
-        return None
-    if isinstance(result, str):
-        return result
-    for name in ("text", "label"):
-        value = getattr(result, name, None)
-        if isinstance(value, str):
-            return value
-    return None
+def text_of(result: Result | None) -> str | None:
+    """The text of a text answer (`Result.as_text()`), None for no result or a located one."""
+    return None if result is None else result.as_text()
 
 
 def polygons_of(result: Any) -> list[list[float]]:
@@ -203,11 +174,9 @@ class GroundingScorer(Scorer):
 
     @staticmethod
     def _pairs(result):
-        if result is None:
-            return []
-        if hasattr(result, "phrases"):
+        if isinstance(result, Phrases):  # a phrase may have no box: it still counts as a phrase asked
             return [(p, [tuple(b) for b in g]) for p, g in zip(result.phrases, result.boxes, strict=True)]
-        d = detections(result)  # Boxes-shaped: group boxes by label
+        d = detections(result)  # other located results: boxes grouped by label
         groups: dict[str, list] = {}
         for b, lab in zip(d.boxes, d.labels, strict=True):
             groups.setdefault(lab, []).append(b)
@@ -248,7 +217,7 @@ class OCRRegionScorer(Scorer):
     def _lines(result):
         if result is None:
             return []
-        return [(list(q), t) for q, t in zip(result.quads, result.labels, strict=True)]
+        return [(inst.coords, inst.label) for inst in result.instances() if inst.kind == "quad"]
 
     def _add(self, sample, example, prediction):
         self.preds.append(self._lines(prediction))
@@ -302,50 +271,6 @@ def _region_key(example) -> tuple | None:
     return None if region is None else tuple(round(float(v), 3) for v in region)
 
 
-# The default metric family of every catalogue task (fiore.tasks names).
-SCORERS: dict[str, type[Scorer]] = {
-    "od": DetectionScorer,
-    "open_vocabulary_detection": DetectionScorer,
-    "dense_region_caption": DetectionScorer,  # descriptions act as labels
-    "region_proposal": ProposalScorer,
-    "instance_segmentation": SegmentationScorer,
-    "referring_expression_segmentation": ReferringSegmentationScorer,
-    "region_to_segmentation": ReferringSegmentationScorer,
-    "caption": CaptionScorer,
-    "detailed_caption": CaptionScorer,
-    "more_detailed_caption": CaptionScorer,
-    "region_to_description": CaptionScorer,
-    "caption_to_phrase_grounding": GroundingScorer,
-    "ocr": OCRScorer,
-    "region_to_ocr": OCRScorer,
-    "ocr_with_region": OCRRegionScorer,
-    "vqa": VQAScorer,
-    "classify": Top1Scorer,
-    "classification": Top1Scorer,
-    "region_to_category": Top1Scorer,
-}
-
-# Fallback by target type for tasks missing from SCORERS.
-_BY_TARGET = {
-    "Boxes": DetectionScorer,
-    "Mixed": DetectionScorer,
-    "Polygons": ReferringSegmentationScorer,
-    "Phrases": GroundingScorer,
-    "Quads": OCRRegionScorer,
-    "Label": Top1Scorer,
-    "Text": CaptionScorer,
-}
-
-
-def required_modules(task_names: Iterable[str]) -> list[str]:
-    """The optional modules the metrics of these tasks import (to check before any model runs)."""
-    return list(dict.fromkeys(m for name in task_names if name in SCORERS for m in SCORERS[name].requires))
-
-
-def scorer_for(task_name: str, target: Any = None) -> type[Scorer]:
-    """The scorer class for a task: by name, else by the type name of its first target."""
-    if task_name in SCORERS:
-        return SCORERS[task_name]
-    if target is not None and type(target).__name__ in _BY_TARGET:
-        return _BY_TARGET[type(target).__name__]
-    raise ValueError(f"no metric is defined for task {task_name!r} (target type {type(target).__name__})")
+def required_modules(tasks: Iterable) -> list[str]:
+    """The optional modules the metrics of these tasks (`fiore.tasks.Task`) import, to check before any model runs."""
+    return list(dict.fromkeys(m for task in tasks if task.scorer is not None for m in task.scorer.requires))

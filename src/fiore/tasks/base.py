@@ -13,6 +13,7 @@ from fiore.tasks.locations import LOC_RE, box_to_tokens, check_image_size, parse
 
 if TYPE_CHECKING:
     from fiore.data.sample import Sample
+    from fiore.eval.scorers import Scorer
 
 Inputs = Literal["none", "text", "region"]
 MAX_TEXT_CHARS = 1000  # a cheap guard here; the processor enforces the real limit in tokens
@@ -41,6 +42,7 @@ class Task:
     template:        prompt text, with "{input}" where the text or region goes
     inputs:          "none" | "text" | "region"
     max_new_tokens:  default generation budget (dense outputs get more)
+    scorer:          the `fiore.eval.scorers.Scorer` class its predictions are evaluated by
     """
 
     name: str
@@ -52,6 +54,7 @@ class Task:
     _parse: Callable[[parsers.ParseInput, str], Result] = field(repr=False)
     _serialize: Callable[[Result, tuple[float, float]], str] = field(repr=False)
     _examples: Callable[[Sample], list[Example]] = field(repr=False)
+    scorer: type[Scorer] | None = field(default=None, repr=False)  # evaluates predictions (`fiore.eval.scorers`)
     max_text_chars: int = MAX_TEXT_CHARS
     echoes_region: bool = False  # the answer is followed by the region's 4 loc tokens, as official models emit it
 

@@ -1,7 +1,8 @@
 """The task catalogue: the 15 Florence-2 tasks plus `<CLASSIFY>` and `<VQA>` for models trained by fiore.
 
 Prompt texts are Florence-2's own (so official checkpoints see what they were trained on); each entry names its
-output parser/serializer and how it draws examples from a `fiore.data.Sample`.
+output parser/serializer, how it draws examples from a `fiore.data.Sample`, and the scorer its predictions are
+evaluated by (`fiore.eval.scorers`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 from fiore.data.sample import Sample
+from fiore.eval import scorers as E
 from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
 from fiore.tasks import parsers as P
 from fiore.tasks import serializers as S
@@ -135,41 +137,46 @@ _region_text = partial(P.parse_text, strip_locs=True)
 
 TASKS: list[Task] = [
     _task("caption", "What does the image describe?", "none", 64, "short caption",
-          _text, S.serialize_text, partial(_caption, "caption")),
+          _text, S.serialize_text, partial(_caption, "caption"), scorer=E.CaptionScorer),
     _task("detailed_caption", "Describe in detail what is shown in the image.", "none", 256, "detailed caption",
-          _text, S.serialize_text, partial(_caption, "detailed_caption")),
+          _text, S.serialize_text, partial(_caption, "detailed_caption"), scorer=E.CaptionScorer),
     _task("more_detailed_caption", "Describe with a paragraph what is shown in the image.", "none", 512,
-          "paragraph caption", _text, S.serialize_text, partial(_caption, "more_detailed_caption")),
+          "paragraph caption", _text, S.serialize_text, partial(_caption, "more_detailed_caption"),
+          scorer=E.CaptionScorer),
     _task("ocr", "What is the text in the image?", "none", 512, "read all text",
-          _text, S.serialize_text, _ocr),
+          _text, S.serialize_text, _ocr, scorer=E.OCRScorer),
     _task("ocr_with_region", "What is the text in the image, with regions?", "none", 1024,
-          "read text with quadrilaterals", P.parse_quads, S.serialize_quads, _ocr_region),
+          "read text with quadrilaterals", P.parse_quads, S.serialize_quads, _ocr_region, scorer=E.OCRRegionScorer),
     _task("od", "Locate the objects with category name in the image.", "none", 1024,
           "object detection: boxes and labels", partial(P.parse_boxes, allow_empty_phrase=False),
-          S.serialize_boxes, _od),
+          S.serialize_boxes, _od, scorer=E.DetectionScorer),
     _task("dense_region_caption", "Locate the objects in the image, with their descriptions.", "none", 1024,
-          "boxes with descriptions", partial(P.parse_boxes, allow_empty_phrase=False), S.serialize_boxes, _dense),
+          "boxes with descriptions", partial(P.parse_boxes, allow_empty_phrase=False), S.serialize_boxes, _dense,
+          scorer=E.DetectionScorer),
     _task("region_proposal", "Locate the region proposals in the image.", "none", 1024,
           "boxes without labels", partial(P.parse_boxes, allow_empty_phrase=True), S.serialize_proposals,
-          _proposals),
+          _proposals, scorer=E.ProposalScorer),
     _task("caption_to_phrase_grounding", "Locate the phrases in the caption: {input}", "text", 512,
-          "text = a caption; boxes for its phrases", P.parse_phrases, S.serialize_phrases, _grounding),
+          "text = a caption; boxes for its phrases", P.parse_phrases, S.serialize_phrases, _grounding,
+          scorer=E.GroundingScorer),
     _task("referring_expression_segmentation", "Locate {input} in the image with mask", "text", 1024,
           "text = an expression naming one object; its polygons", partial(P.parse_polygons, allow_empty_phrase=True),
-          S.serialize_polygons, _res),
+          S.serialize_polygons, _res, scorer=E.ReferringSegmentationScorer),
     _task("region_to_segmentation", "What is the polygon mask of region {input}", "region", 1024,
           "region = a box; the polygons of the object in it", partial(P.parse_polygons, allow_empty_phrase=True),
-          S.serialize_polygons, _region_seg),
+          S.serialize_polygons, _region_seg, scorer=E.ReferringSegmentationScorer),
     _task("open_vocabulary_detection", "Locate {input} in the image.", "text", 1024,
-          "text = a class name or phrase; its boxes or polygons", P.parse_mixed, S.serialize_mixed, _ovd),
+          "text = a class name or phrase; its boxes or polygons", P.parse_mixed, S.serialize_mixed, _ovd,
+          scorer=E.DetectionScorer),
     _task("region_to_category", "What is the region {input}?", "region", 32, "region = a box; its category",
-          P.parse_label, S.serialize_text, _region_category, echoes_region=True),
+          P.parse_label, S.serialize_text, _region_category, echoes_region=True, scorer=E.Top1Scorer),
     _task("region_to_description", "What does the region {input} describe?", "region", 64,
-          "region = a box; its description", _region_text, S.serialize_text, _region_description, echoes_region=True),
+          "region = a box; its description", _region_text, S.serialize_text, _region_description,
+          echoes_region=True, scorer=E.CaptionScorer),
     _task("region_to_ocr", "What text is in the region {input}?", "region", 128, "region = a box; the text in it",
-          _region_text, S.serialize_text, _region_ocr, echoes_region=True),
+          _region_text, S.serialize_text, _region_ocr, echoes_region=True, scorer=E.OCRScorer),
     _task("classify", "What is the category of the image?", "none", 16, "one label for the whole image (fiore)",
-          P.parse_label, S.serialize_text, _classify),
+          P.parse_label, S.serialize_text, _classify, scorer=E.Top1Scorer),
     _task("vqa", "Answer the question: {input}", "text", 32, "text = a question; a short answer (fiore)",
-          _text, S.serialize_text, _vqa),
+          _text, S.serialize_text, _vqa, scorer=E.VQAScorer),
 ]  # fmt: skip

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fiore import tasks as registry
 from fiore.model.contrastive import unicl_loss
 from fiore.model.kernels import token_cross_entropy
 from fiore.train import checkpointing, ddp, lora, memory
@@ -878,17 +879,17 @@ def _preflight(config: TrainConfig) -> None:
         from fiore.eval.scorers import required_modules
         from fiore.extras import require
 
-        require(required_modules(config.eval_task_names()), "evaluation during training ([train] eval_tasks)")
+        tasks = [registry.get(name) for name in config.eval_task_names()]
+        require(required_modules(tasks), "evaluation during training ([train] eval_tasks)")
 
 
 def _check_best_metric(config: TrainConfig) -> None:
     """[train] best_metric must be something the evaluations measure: found out now, not after the first epoch."""
-    from fiore.eval.scorers import scorer_for
-
     metric, t = config.train.best_metric, config.train
     if not metric or metric.startswith("val_loss"):
         return
-    known = [f"{name}/{key}" for name in config.eval_task_names() for key in scorer_for(name).headline]
+    tasks = [registry.get(name) for name in config.eval_task_names()]
+    known = [f"{task.name}/{key}" for task in tasks if task.scorer is not None for key in task.scorer.headline]
     if metric not in known:
         raise ValueError(f"[train] best_metric {metric!r} is not measured; choose val_loss or one of {known}")
     if t.eval_every < 0:
