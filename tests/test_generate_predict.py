@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fiore.tasks
 from fiore import predictor
 from fiore.config import preset
 from fiore.generate import GenerationConfig, generate
@@ -177,7 +178,7 @@ def test_beam_search_through_predict(florence, tok):
     assert isinstance(r3, Text) and r3.score is not None
     # the same decoding by hand: encode, beam search, decode the text
     px = florence.processor.pixel_values([im])
-    ids, mask = florence.processor.prompt_ids([predictor.registry.get("caption").prompt()])
+    ids, mask = florence.processor.prompt_ids([fiore.tasks.get("caption").prompt()])
     h, m = florence.model.encode(florence.model.encode_image(px), ids, mask)
     cfg = GenerationConfig(max_new_tokens=6, num_beams=3, no_repeat_ngram_size=2, forced_bos_token_id=tok.bos_id)
     (seq,) = generate(florence.model, h, m, cfg)
@@ -234,7 +235,7 @@ def test_instance_scores_are_exp_mean_loc_logprob(florence, tok):
 
     # independent check: teacher-forced log-probs of the script under the same (biased) model
     px = florence.processor.pixel_values([im])
-    ids, mask = florence.processor.prompt_ids([predictor.registry.get("od").prompt()])
+    ids, mask = florence.processor.prompt_ids([fiore.tasks.get("od").prompt()])
     with torch.no_grad():
         h, m = florence.model.encode(florence.model.encode_image(px), ids, mask)
         dec = torch.tensor([[florence.config.text.decoder_start_token_id, *script[:-1]]])
@@ -257,7 +258,7 @@ def _label_loglik(florence, im, task, region, label):
     """log p(<label tokens>) + log p(end) by a full uncached forward, one label at a time."""
     tok, model = florence.tokenizer, florence.model
     size = im.size
-    t = predictor.registry.get(task)
+    t = fiore.tasks.get(task)
     prompt = t.prompt(region=region, image_size=size) if t.inputs == "region" else t.prompt()
     ids, mask = florence.processor.prompt_ids([prompt])
     target = tok.encode(label)
@@ -315,7 +316,7 @@ def test_bad_inputs_are_named(florence):
         predictor.predict(florence, im, "caption", num_beam=3)
     with pytest.raises(ValueError, match="list of 2"):
         predictor.predict(florence, [im, im], "caption_to_phrase_grounding", text=["a", "b", "c"])
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(TaskInputError, match="unknown task"):
         predictor.run(florence, im, ["caption", "detect everything"])
     with pytest.raises(ValueError, match="twice"):
         predictor.run(florence, im, ["od", "<OD>"])

@@ -3,6 +3,7 @@
 from fiore import tasks
 from fiore.config import ModelConfig, TextConfig, VisionConfig, preset
 from fiore.florence import Florence, load
+from fiore.request import Request
 
-__all__ = ["Florence", "ModelConfig", "TextConfig", "VisionConfig", "load", "preset", "tasks"]
+__all__ = ["Florence", "ModelConfig", "Request", "TextConfig", "VisionConfig", "load", "preset", "tasks"]
 __version__ = "0.1.0"

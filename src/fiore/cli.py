@@ -103,27 +103,38 @@ def predict(
     from rich.table import Table
 
     from fiore.draw import plot, summary, to_coco
-    from fiore.jobs import InputError, make_jobs, open_image, run_jobs
+    from fiore.processor import load_image
+    from fiore.request import requests_for
+    from fiore.tasks import TaskInputError
 
     if format not in ("json", "coco"):
         raise typer.BadParameter(f"unknown format {format!r}; use json or coco", param_hint="--format")
     console = Console()
+    try:
+        requests = requests_for(task, text, region, max_new_tokens)
+    except TaskInputError as e:
+        raise typer.BadParameter(str(e), param_hint="--task/--text/--region") from None
     loaded = []
-    for path in images:
+    for path in images:  # every image read and every request checked against it before the model loads
         try:
-            image = open_image(path, max_pixels)
-            loaded.append((path, image, make_jobs(task, text, region, image.size)))
-        except InputError as e:
-            raise typer.BadParameter(str(e), param_hint="--task/--text/--region") from None
+            image = load_image(path, max_pixels=max_pixels)
         except (OSError, ValueError) as e:
             raise typer.BadParameter(_about(path, e), param_hint="IMAGES") from None
+        try:
+            for r in requests:
+                r.prompt(image.size)
+        except TaskInputError as e:
+            raise typer.BadParameter(f"{path}: {e}", param_hint="--region") from None
+        loaded.append((path, image))
     florence = _load_florence(model, device)
+    predictor = florence.predictor()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     coco = {"images": [], "annotations": [], "categories": []}
     categories: dict[str, int] = {}
-    for image_id, (path, image, jobs) in enumerate(loaded, start=1):
-        results = run_jobs(florence, image, jobs, max_new_tokens)
+    for image_id, (path, image) in enumerate(loaded, start=1):
+        predictor.set_images([image])
+        results = {r.task.name: result for r, result in zip(requests, predictor.predict([requests])[0], strict=True)}
         # file names and answers are data, not rich markup ("scene[red].png", an answer ending "[truncated]")
         table = Table(title=escape(f"{path} ({image.width}x{image.height})"))
         for column in ("task", "answer", "score"):
@@ -168,12 +179,13 @@ def label(
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fiore.jobs import InputError, expand_tasks
     from fiore.label import label_folder, list_images
+    from fiore.request import get_task
+    from fiore.tasks import TaskInputError
 
     try:
-        (t,) = expand_tasks([task])
-    except (InputError, ValueError) as e:
+        t = get_task(task)
+    except TaskInputError as e:
         raise typer.BadParameter(str(e), param_hint="--task") from None
     if t.inputs == "region":
         raise typer.BadParameter(

@@ -106,6 +106,13 @@ class Florence:
 
     # -- inference (issue 4): thin bindings; the work is in fiore.predictor and fiore.generate --------------------
 
+    def predictor(self, **options):
+        """A `fiore.predictor.Predictor`: `set_images` once, then `predict` lists of `fiore.Request`s (and
+        `classify`) against those encodings. Options: score_mode, max_rows, image_batch, generation fields."""
+        from fiore.predictor import Predictor
+
+        return Predictor(self, **options)
+
     def predict(self, images, task, text=None, region=None, **options):
         """One task on one image (-> Result) or a list of images (-> list[Result]). See `fiore.predictor.predict`."""
         from fiore.predictor import predict

@@ -136,8 +136,11 @@ def label_folder(
     (None: fiore.processor.DEFAULT_MAX_PIXELS).
     """
     from fiore.draw import to_coco
-    from fiore.jobs import open_image, predict_batch
+    from fiore.processor import DEFAULT_MAX_PIXELS, load_image
+    from fiore.request import Request
 
+    request = Request.make(task, text, None, max_new_tokens)  # a bad task or text fails before any image is read
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder, out = Path(folder), Path(out)
@@ -148,24 +151,29 @@ def label_folder(
     journal = journal_path(out)
     # A journal only resumes a run of the same task, text and model.
     source = getattr(florence, "source", None)
-    header = {"fiore_label_journal": 1, "task": task, "text": text, "model": None if source is None else str(source)}
+    model = None if source is None else str(source)
+    header = {"fiore_label_journal": 1, "task": request.task.name, "text": text, "model": model}
     done = read_journal(journal, header)
     if not journal.exists() or journal.stat().st_size == 0:
         _append(journal, [header])
     pending = [f for f in files if f not in done]
     if on_progress:
         on_progress(len(files) - len(pending), len(files))
+    predictor = florence.predictor()
     for start in range(0, len(pending), batch_size):
         names = pending[start : start + batch_size]
         images, records, ok = [], [], []
         for name in names:
             try:
-                images.append(open_image(folder / name, max_pixels))
+                images.append(load_image(folder / name, max_pixels=max_pixels))
                 ok.append(name)
             except Exception as e:  # a broken file must not stop a thousand-image run
                 warnings.warn(f"skipping {name}: {e}", stacklevel=2)
                 records.append({"file_name": name, "error": str(e)})
-        results = predict_batch(florence, images, task, text, None, max_new_tokens) if images else []
+        results = []
+        if images:
+            predictor.set_images(images)
+            results = [answers[0] for answers in predictor.predict([[request]] * len(images))]
         for name, image, result in zip(ok, images, results, strict=True):
             anns = [{k: v for k, v in a.items() if k != "image_id"} for a in to_coco(result, 0)]
             records.append({"file_name": name, "width": image.width, "height": image.height, "annotations": anns})

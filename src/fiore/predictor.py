@@ -5,10 +5,17 @@ every image goes through the vision tower once; each (image, task) pair becomes 
 with that image's features; rows are decoded together in one batch, so the decoder's weights (read from memory
 once per step, whatever the batch) are shared by all tasks and images of the batch.
 
+    p = Predictor(florence); p.set_images([im1, im2])   the vision tower runs once per image
+    p.predict([[Request.make("od")], [Request.make("caption"), Request.make("ocr")]])  -> [[Boxes], [Text, Text]]
+    p.classify(["cat", "dog"], image=1)                 -> Label (ranked candidates with probabilities)
+
+`Predictor` is the one way from requests to results: the CLI, the server, `fiore label` and the eval runner use it.
+`predict`, `run` and `classify` are conveniences over it that answer in the shape they were asked:
+
     predict(florence, image, "od")                    -> Result
     predict(florence, [im1, im2], "caption")          -> [Result, Result]
     run(florence, image, ["caption", "od", "ocr"])    -> {"caption": Result, ...}   one vision pass
-    classify(florence, image, ["cat", "dog"])         -> Label (ranked candidates with probabilities)
+    classify(florence, image, ["cat", "dog"])         -> Label
 
 Scores: structured instances get exp(mean log-prob of their tokens) and results a sequence score (see
 `fiore.tasks.parsers`); the log-probs come from `fiore.generate` (model distribution, along the final beam).
@@ -23,10 +30,10 @@ from typing import Any
 
 import torch
 
-from fiore import tasks as registry
 from fiore.generate import GenerationConfig, generate
+from fiore.request import Request, get_task
 from fiore.results import Label, Result
-from fiore.tasks import Task
+from fiore.tasks import Task, TaskInputError
 from fiore.tasks.parsers import SCORE_MODES
 
 DEFAULT_MAX_ROWS = 16  # rows decoded in one batch: bounds the KV cache (base: ~60 MB per row at 1024 tokens)
@@ -38,32 +45,10 @@ _GEN_FIELDS = {f.name for f in fields(GenerationConfig)} - {"max_new_tokens"}
 
 @dataclass
 class _Row:
-    image: int  # index into the batch's images
+    image: int  # index into the set images
     task: Task
     prompt: str
     limit: int  # max_new_tokens
-
-
-def _as_list(x) -> tuple[list, bool]:
-    if isinstance(x, (list, tuple)):
-        if not x:
-            raise ValueError("no images given")
-        return list(x), False
-    return [x], True
-
-
-def _per_image(value, n: int, what: str) -> list:
-    """A single text/region for every image, or one per image."""
-    if value is None:
-        return [None] * n
-    if what == "text":
-        if isinstance(value, str):
-            return [value] * n
-    elif len(value) == 4 and all(isinstance(v, (int, float)) for v in value):  # one region
-        return [value] * n
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != n:
-        raise ValueError(f"{what} must be one value for all {n} images or a list of {n}, got {value!r}")
-    return list(value)
 
 
 def _generation_config(florence, options: dict[str, Any], score_mode: str) -> GenerationConfig:
@@ -85,15 +70,17 @@ def _generation_config(florence, options: dict[str, Any], score_mode: str) -> Ge
     return config
 
 
-def _budget(florence, task: Task, requested: int | None) -> int:
-    """max_new_tokens for a row: the task's default (capped by the decoder's positions) or the caller's value."""
+def _budget(florence, request: Request) -> int:
+    """max_new_tokens for a row: the request's, else the task's default, within the decoder's positions."""
     positions = florence.config.text.max_position_embeddings
-    if requested is None:
-        return min(task.max_new_tokens, positions)
-    limit = int(requested)
-    if not 1 <= limit <= positions:
-        raise ValueError(f"max_new_tokens for {task.name} must be in 1..{positions} (decoder positions), got {limit}")
-    return limit
+    if request.max_new_tokens is None:
+        return min(request.task.max_new_tokens, positions)
+    if not 1 <= request.max_new_tokens <= positions:
+        raise TaskInputError(
+            f"max_new_tokens for {request.task.name} must be in 1..{positions} (decoder positions), "
+            f"got {request.max_new_tokens}"
+        )
+    return request.max_new_tokens
 
 
 def _load_images(florence, images: list) -> list:
@@ -152,6 +139,95 @@ def _decode_rows(florence, features, sizes, rows: list[_Row], config: Generation
     return results
 
 
+class Predictor:
+    """Images encoded once, then asked any number of requests (segment-anything's `set_image`/`predict`).
+
+        predictor = florence.predictor()               # generation options: num_beams=3, score_mode=..., ...
+        predictor.set_images([im1, im2])               # the vision tower runs here, once per image
+        predictor.predict([[Request.make("od")], [Request.make("caption"), Request.make("ocr")]])
+            -> [[Boxes], [Text, Text]]                  # one list of results per image, in request order
+
+    `predict` takes one list of requests per set image (lists may differ and repeat a task with other inputs);
+    all rows of a call are decoded together, `max_rows` at a time. Requests are checked against their image
+    (a region must overlap it) before anything is decoded.
+    """
+
+    def __init__(
+        self,
+        florence,
+        *,
+        score_mode: str = "loc",
+        max_rows: int = DEFAULT_MAX_ROWS,
+        image_batch: int = DEFAULT_IMAGE_BATCH,
+        **generation,
+    ) -> None:
+        if max_rows < 1 or image_batch < 1:
+            raise ValueError(f"max_rows and image_batch must be >= 1, got {max_rows} and {image_batch}")
+        self.florence = florence
+        self.score_mode, self.max_rows, self.image_batch = score_mode, max_rows, image_batch
+        self.config = _generation_config(florence, generation, score_mode)
+        self.sizes: list[tuple[int, int]] = []  # (width, height) of each set image
+        self._features: torch.Tensor | None = None
+
+    def set_images(self, images: Sequence) -> None:
+        """Read (paths, bytes, PIL or arrays; EXIF applied) and encode `images`, replacing any set before."""
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        pils = _load_images(self.florence, images)
+        self._features = None  # a failed encoding leaves no stale images behind
+        self._features = _encode_images(self.florence, pils, self.image_batch)
+        self.sizes = [im.size for im in pils]
+
+    def predict(self, requests: Sequence[Sequence[Request]]) -> list[list[Result]]:
+        """One list of requests per set image -> one list of Results per image, in the same order."""
+        if self._features is None:
+            raise RuntimeError("no images are set: call set_images(images) first")
+        if len(requests) != len(self.sizes):
+            raise ValueError(f"{len(requests)} request lists for {len(self.sizes)} set images; give one per image")
+        rows = [
+            _Row(i, r.task, r.prompt(self.sizes[i]), _budget(self.florence, r))
+            for i, image_requests in enumerate(requests)
+            for r in image_requests
+        ]
+        results = iter(
+            _decode_rows(self.florence, self._features, self.sizes, rows, self.config, self.score_mode, self.max_rows)
+        )
+        return [[next(results) for _ in image_requests] for image_requests in requests]
+
+    def classify(
+        self, labels: Sequence[str], region: Sequence[float] | None = None, task: str | Task | None = None, image=0
+    ) -> Label:
+        """Rank candidate `labels` for set image number `image` (whole, or a region) by sequence log-likelihood;
+        see `_classify` for the score."""
+        if self._features is None:
+            raise RuntimeError("no images are set: call set_images(images) first")
+        features = self._features[image : image + 1]
+        return _classify(self.florence, features, self.sizes[image], labels, region, task)
+
+
+def _as_list(x) -> tuple[list, bool]:
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("no images given")
+        return list(x), False
+    return [x], True
+
+
+def _per_image(value, n: int, what: str) -> list:
+    """A single text/region for every image, or one per image."""
+    if value is None:
+        return [None] * n
+    if what == "text":
+        if isinstance(value, str):
+            return [value] * n
+    elif isinstance(value, str) or (len(value) == 4 and all(isinstance(v, (int, float)) for v in value)):
+        return [value] * n  # one region (pixels, or a string of loc tokens)
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != n:
+        raise ValueError(f"{what} must be one value for all {n} images or a list of {n}, got {value!r}")
+    return list(value)
+
+
 def predict(
     florence,
     images,
@@ -160,54 +236,48 @@ def predict(
     region: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
     *,
     max_new_tokens: int | None = None,
-    score_mode: str = "loc",
-    max_rows: int = DEFAULT_MAX_ROWS,
-    image_batch: int = DEFAULT_IMAGE_BATCH,
-    **generation,
+    **options,
 ) -> Result | list[Result]:
-    """One task on one image (-> Result) or on a list of images (-> list[Result]), decoded as one batch.
+    """One task on one image (-> Result) or on a list of images (-> list[Result]), decoded as one batch; the
+    answer has the shape of `images`. A convenience over `Predictor`.
 
     text / region: the task's input, one for all images or one per image; a region is [x1, y1, x2, y2] in pixels of
-    the original image. max_new_tokens: default the task's budget. score_mode: "loc" (an instance's confidence is
-    exp(mean log-prob of its location tokens), as Microsoft's original code) or "label_loc" (its label and location
-    tokens), see `fiore.tasks.parsers`. Other keywords are `GenerationConfig` fields
-    (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, do_sample, temperature, top_k, top_p,
-    generator, ...). Default decoding is greedy.
+    the original image. max_new_tokens: default the task's budget. Other keywords go to `Predictor`: score_mode
+    ("loc": an instance's confidence is exp(mean log-prob of its location tokens), as Microsoft's original code;
+    "label_loc": its label and location tokens, see `fiore.tasks.parsers`), max_rows, image_batch, and
+    `GenerationConfig` fields (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, do_sample,
+    temperature, top_k, top_p, generator, ...). Default decoding is greedy.
     """
-    task = registry.get(task)
     images, single = _as_list(images)
-    config = _generation_config(florence, generation, score_mode)
-    pils = _load_images(florence, images)
-    sizes = [im.size for im in pils]
-    texts, regions = _per_image(text, len(pils), "text"), _per_image(region, len(pils), "region")
-    limit = _budget(florence, task, max_new_tokens)
-    rows = [
-        _Row(i, task, task.prompt(text=t, region=r, image_size=sizes[i]), limit)
-        for i, (t, r) in enumerate(zip(texts, regions, strict=True))
-    ]
-    features = _encode_images(florence, pils, image_batch)
-    results = _decode_rows(florence, features, sizes, rows, config, score_mode, max_rows)
+    texts, regions = _per_image(text, len(images), "text"), _per_image(region, len(images), "region")
+    requests = [[Request.make(task, t, r, max_new_tokens)] for t, r in zip(texts, regions, strict=True)]
+    predictor = Predictor(florence, **options)
+    predictor.set_images(images)
+    results = [answers[0] for answers in predictor.predict(requests)]
     return results[0] if single else results
 
 
-def _task_specs(tasks) -> list[tuple[Task, dict]]:
-    """["od", "caption"] or {"od": {}, "caption_to_phrase_grounding": {"text": "a ball"}} -> [(Task, inputs)]."""
+def _requests(tasks, max_new_tokens) -> list[Request]:
+    """["od", "caption"] or {"od": {}, "caption_to_phrase_grounding": {"text": "a ball"}} -> Requests."""
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
     items = tasks.items() if isinstance(tasks, Mapping) else ((t, {}) for t in tasks)
-    specs, seen = [], set()
+    requests, seen = [], set()
     for name, inputs in items:
-        task = registry.get(name)
-        if task.name in seen:
-            raise ValueError(f"task {task.name!r} listed twice")
-        seen.add(task.name)
-        unknown = set(inputs or {}) - {"text", "region", "max_new_tokens"}
+        inputs = dict(inputs or {})
+        unknown = set(inputs) - {"text", "region", "max_new_tokens"}
         if unknown:
-            raise ValueError(f"task {task.name}: unknown inputs {sorted(unknown)} (text, region, max_new_tokens)")
-        specs.append((task, dict(inputs or {})))
-    if not specs:
-        raise ValueError("no tasks given")
-    return specs
+            raise TaskInputError(f"task {name}: unknown inputs {sorted(unknown)} (text, region, max_new_tokens)")
+        task = get_task(name)
+        if task.name in seen:
+            raise TaskInputError(f"task {task.name!r} listed twice")
+        seen.add(task.name)
+        limit = max_new_tokens.get(task.name) if isinstance(max_new_tokens, Mapping) else max_new_tokens
+        limit = inputs.get("max_new_tokens", limit)
+        requests.append(Request.make(task, inputs.get("text"), inputs.get("region"), limit))
+    if not requests:
+        raise TaskInputError("no tasks given")
+    return requests
 
 
 def run(
@@ -216,45 +286,28 @@ def run(
     tasks: Sequence[str] | Mapping[str, Mapping[str, Any]],
     *,
     max_new_tokens: int | Mapping[str, int] | None = None,
-    score_mode: str = "loc",
-    max_rows: int = DEFAULT_MAX_ROWS,
-    image_batch: int = DEFAULT_IMAGE_BATCH,
-    **generation,
+    **options,
 ) -> dict[str, Result] | list[dict[str, Result]]:
-    """Many tasks on one image (-> {task name: Result}) or on each of a list of images (-> list of dicts).
+    """Many tasks on one image (-> {task name: Result}) or on each of a list of images (-> list of dicts); the
+    answer has the shape of `images`. A convenience over `Predictor`.
 
     Each image is encoded by the vision tower once; all its tasks reuse that encoding, their prompts are encoded as
     one batch and decoded together. `tasks`: a list of task names, or a dict name -> {"text": ..., "region": ...,
     "max_new_tokens": ...} for tasks that take inputs. max_new_tokens: one limit for all tasks, or per task name.
+    Other keywords: as `predict`.
     """
-    specs = _task_specs(tasks)
+    requests = _requests(tasks, max_new_tokens)
     images, single = _as_list(images)
-    config = _generation_config(florence, generation, score_mode)
-    pils = _load_images(florence, images)
-    sizes = [im.size for im in pils]
-    rows = []
-    for i in range(len(pils)):
-        for task, inputs in specs:
-            if "max_new_tokens" in inputs:
-                limit = inputs["max_new_tokens"]
-            elif isinstance(max_new_tokens, Mapping):
-                limit = max_new_tokens.get(task.name)
-            else:
-                limit = max_new_tokens
-            prompt = task.prompt(text=inputs.get("text"), region=inputs.get("region"), image_size=sizes[i])
-            rows.append(_Row(i, task, prompt, _budget(florence, task, limit)))
-    features = _encode_images(florence, pils, image_batch)
-    results = _decode_rows(florence, features, sizes, rows, config, score_mode, max_rows)
-    out = [{} for _ in pils]
-    for row, result in zip(rows, results, strict=True):
-        out[row.image][row.task.name] = result
+    predictor = Predictor(florence, **options)
+    predictor.set_images(images)
+    answers = predictor.predict([requests] * len(images))
+    out = [{r.task.name: result for r, result in zip(requests, results, strict=True)} for results in answers]
     return out[0] if single else out
 
 
 # ----------------------------------------------------------------------------------------------- label scoring
 
 
-@torch.inference_mode()
 def classify(
     florence,
     image,
@@ -262,6 +315,14 @@ def classify(
     region: Sequence[float] | None = None,
     task: str | Task | None = None,
 ) -> Label:
+    """Rank candidate `labels` for the whole image or a region (see `Predictor.classify`)."""
+    predictor = Predictor(florence)
+    predictor.set_images([image])
+    return predictor.classify(labels, region=region, task=task)
+
+
+@torch.inference_mode()
+def _classify(florence, features, size, labels: Sequence[str], region, task) -> Label:
     """Rank candidate `labels` for the whole image or a region by their sequence log-likelihood.
 
     task: "classify" (fiore-trained models; the default without a region) or "region_to_category" (the default
@@ -282,13 +343,11 @@ def classify(
         raise ValueError(f"candidate labels must be distinct; repeated: {dup}")
     if task is None:
         task = "classify" if region is None else "region_to_category"
-    task = registry.get(task)
+    task = get_task(task)
     if task.name not in ("classify", "region_to_category"):
         raise ValueError(f"classify scores labels under 'classify' or 'region_to_category', not {task.name!r}")
 
     model, tok = florence.model, florence.tokenizer
-    (pil,) = _load_images(florence, [image])
-    size = pil.size
     if task.inputs == "region" and region is None:
         region = (0.0, 0.0, float(size[0]), float(size[1]))
     prompt = task.prompt(region=region, image_size=size) if task.inputs == "region" else task.prompt()
@@ -303,7 +362,6 @@ def classify(
             raise ValueError(f"label {label!r} encodes to no tokens")
         targets.append(ids)
 
-    features = _encode_images(florence, [pil], 1)
     input_ids, attention_mask = florence.processor.prompt_ids([prompt])
     hidden, mask = model.encode(features, input_ids.to(model.device), attention_mask.to(model.device))
     start, bos, eos = florence.config.text.decoder_start_token_id, tok.bos_id, tok.eos_id

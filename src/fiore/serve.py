@@ -2,10 +2,11 @@
 
 Requests are validated up front (sizes, tasks, inputs) so bad input gets a 4xx before it costs any compute; valid
 ones go into a bounded queue. One worker takes up to `max_batch` queued requests (waiting at most `max_wait_ms`
-for more once the first arrives), groups requests asking the same (task, text, region) jobs and runs each group
-as one `florence.run(images, tasks)` call (each image encoded once, all rows decoded together) in a thread, so
-the event loop keeps accepting requests while the model runs. A full queue answers 503 with Retry-After rather
-than letting latency grow without bound. The server only reads the bytes it is sent: it never fetches URLs.
+for more once the first arrives) and answers them with one `Predictor` pass in a thread (each image encoded once,
+every request's tasks decoded together, whatever each one asks), so the event loop keeps accepting requests while
+the model runs; a pass that fails is retried one request at a time, so only a request that fails gets its 500. A
+full queue answers 503 with Retry-After rather than letting latency grow without bound. The server only reads the
+bytes it is sent: it never fetches URLs.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ class HTTPError(Exception):
 
 @dataclass
 class Job:
-    """One validated request: an image and the (task, text, region) triples asked of it."""
+    """One validated HTTP request: an image and the `fiore.Request`s asked of it."""
 
     image: object  # PIL RGB
-    tasks: list[tuple[str, str | None, tuple[float, ...] | None]]
+    requests: list  # fiore.request.Request
     future: asyncio.Future
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -89,10 +90,10 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, image, tasks, client_gone: Awaitable | None = None) -> tuple[dict, list[int]]:
+    async def submit(self, image, requests, client_gone: Awaitable | None = None) -> tuple[dict, list[int]]:
         """Queue one request and wait for its answer. `client_gone` completes when the client disconnects: a request
         still queued is then dropped before it reaches the engine (a finished answer is discarded)."""
-        job = Job(image, tasks, asyncio.get_running_loop().create_future())
+        job = Job(image, requests, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -147,26 +148,29 @@ class Batcher:
                     job.future.set_result(outcome)
 
     def _execute(self, batch: list[Job]) -> list:
-        """Runs in the worker thread: one `florence.run` per distinct job list, over all the images asking it."""
-        from fiore.jobs import run_batch
-
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(batch):
-            groups.setdefault(tuple(job.tasks), []).append(i)
-        outcomes: list = [None] * len(batch)
-        for jobs, members in groups.items():
-            images = [batch[i].image for i in members]
+        """Runs in the worker thread: the whole batch in one predictor pass; if it fails, each job alone, so one
+        failing request does not take the others down."""
+        try:
+            return self._answer(batch)
+        except Exception:
+            pass
+        outcomes: list = []
+        for job in batch:
             try:
-                answers = run_batch(self.florence, images, jobs, self.config.max_new_tokens)
-            except Exception as e:  # one failing group must not take the others down
-                err = HTTPError(500, f"generation failed: {type(e).__name__}: {e}")
-                for i in members:
-                    outcomes[i] = err
-                continue
-            self.batch_sizes[len(images)] += 1
-            for i, answer in zip(members, answers, strict=True):
-                outcomes[i] = {name: result_json(result) for name, result in answer.items()}
-                batch[i].batch_sizes.append(len(images))
+                outcomes += self._answer([job])
+            except Exception as e:
+                outcomes.append(HTTPError(500, f"generation failed: {type(e).__name__}: {e}"))
+        return outcomes
+
+    def _answer(self, batch: list[Job]) -> list[dict]:
+        predictor = self.florence.predictor()
+        predictor.set_images([job.image for job in batch])
+        answers = predictor.predict([job.requests for job in batch])
+        self.batch_sizes[len(batch)] += 1
+        outcomes = []
+        for job, results in zip(batch, answers, strict=True):
+            job.batch_sizes.append(len(batch))
+            outcomes.append({r.task.name: result_json(result) for r, result in zip(job.requests, results, strict=True)})
         return outcomes
 
 
@@ -238,9 +242,11 @@ def decode_base64_image(value) -> bytes:
         raise HTTPError(400, '"image" is not valid base64') from None
 
 
-def validate(image, task_names: list[str], text, region, config: ServeConfig) -> list[tuple]:
-    """Engine jobs for a request; size limits answer 413, other bad input 400."""
-    from fiore.jobs import InputError, make_jobs, parse_region
+def validate(image, task_names: list[str], text, region, config: ServeConfig) -> list:
+    """The `fiore.Request`s of an HTTP request, checked against its image; size limits answer 413, other bad input
+    400."""
+    from fiore.request import requests_for
+    from fiore.tasks import TaskInputError
 
     if text is not None and not isinstance(text, str):
         raise HTTPError(400, '"text" must be a string')
@@ -249,9 +255,12 @@ def validate(image, task_names: list[str], text, region, config: ServeConfig) ->
     if len(task_names) > config.max_tasks:
         raise HTTPError(400, f"{len(task_names)} tasks asked; at most {config.max_tasks} per request")
     try:
-        return make_jobs(task_names, text, parse_region(region), image.size)
-    except InputError as e:
+        requests = requests_for(task_names, text, region, config.max_new_tokens)
+        for r in requests:
+            r.prompt(image.size)
+    except TaskInputError as e:
         raise HTTPError(400, str(e)) from None
+    return requests
 
 
 def _boundary(content_type: str) -> bytes | None:
@@ -314,7 +323,7 @@ async def parse_predict(request: Request, config: ServeConfig):
 
 
 def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
-    """The fastapi app serving `florence` (anything with `run(images, {task: {"text": .., "region": ..}})`)."""
+    """The fastapi app serving `florence` (anything whose `predictor()` has `set_images` and `predict`)."""
     config = config or ServeConfig()
     batcher = Batcher(florence, config)
 
@@ -411,8 +420,8 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
         authorize(request)
         start = time.perf_counter()
         image, names, text, region = await parse_predict(request, config)
-        jobs = validate(image, names, text, region, config)
-        answer, sizes = await batcher.submit(image, jobs, client_gone(request))
+        requests = validate(image, names, text, region, config)
+        answer, sizes = await batcher.submit(image, requests, client_gone(request))
         headers = {
             "X-Fiore-Batch-Size": str(max(sizes, default=0)),
             "X-Fiore-Time-Ms": f"{(time.perf_counter() - start) * 1000:.1f}",

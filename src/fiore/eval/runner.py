@@ -1,10 +1,10 @@
 """Task-aware evaluation: samples -> examples (`Task.examples`) -> predictions through the generation engine ->
 per-task metrics (`fiore.eval.scorers`) -> `Report`.
 
-Engine use: input-less tasks of one image go through one `florence.run(images, [task names])` call, so each image
-is encoded once for all of them; tasks with inputs go through `florence.predict(images, task, text=..., region=...)`
-in batches of `batch_size`. A failure is isolated by retrying the batch one item at a time, then counted as an
-error of that task (with its message) and never silently dropped.
+Engine use: every chunk of `batch_size` images goes through one `Predictor` pass (`florence.predictor()`): each
+image is encoded once, and its requests (every input-less task, plus one per distinct input of the tasks that take
+one) are decoded together. A failing pass is retried image by image, then request by request; what still fails is
+counted as an error of its task (with its message) and never silently dropped.
 """
 
 from __future__ import annotations
@@ -72,58 +72,6 @@ class _TaskRun:
         return self.report
 
 
-def _engine_run(florence, images: list, task_names: list[str], options: dict) -> list[dict[str, Any]]:
-    """florence.run over a list of images -> one {task name: Result} dict per image."""
-    out = florence.run(images, task_names, **options)
-    if isinstance(out, dict):  # a single-image engine answer
-        out = [out]
-    if len(out) != len(images):
-        raise RuntimeError(f"engine returned {len(out)} results for {len(images)} images")
-    return [dict(o) for o in out]
-
-
-def _engine_predict(florence, task, images: list, texts: list, regions: list, options: dict) -> list[Any]:
-    kwargs = dict(options)
-    if isinstance(kwargs.get("max_new_tokens"), Mapping):  # per-task budgets
-        limit = kwargs.pop("max_new_tokens").get(task.name)
-        if limit is not None:
-            kwargs["max_new_tokens"] = limit
-    if any(t is not None for t in texts):
-        kwargs["text"] = texts
-    if any(r is not None for r in regions):
-        kwargs["region"] = [list(r) if r is not None else None for r in regions]
-    out = florence.predict(images, task.name, **kwargs)
-    if not isinstance(out, list):
-        out = [out]
-    if len(out) != len(images):
-        raise RuntimeError(f"engine returned {len(out)} results for {len(images)} inputs")
-    return out
-
-
-def _isolating(call, items: list, on_error) -> list:
-    """`call(items)`; if it raises, call it per item and report each failing item to `on_error(item, exc)` (its
-    slot becomes None)."""
-    try:
-        return call(items)
-    except Exception:
-        pass
-    out = []
-    for item in items:
-        try:
-            out.append(call([item])[0])
-        except Exception as e:
-            on_error(item, e)
-            out.append(None)
-    return out
-
-
-def _lookup(results: dict[str, Any], task) -> Any:
-    for key in (task.name, getattr(task, "token", None)):
-        if key is not None and key in results:
-            return results[key]
-    raise KeyError(f"engine result has no entry for task {task.name!r}")
-
-
 def _input_key(example) -> tuple:
     region = getattr(example, "region", None)
     return (getattr(example, "text", None), None if region is None else tuple(float(v) for v in region))
@@ -143,10 +91,9 @@ def evaluate(
 ) -> Report:
     """Evaluate `florence` on `samples` (fiore.data.Sample) for `tasks` (names, Task objects, or None = all).
 
-    `limit` caps the number of samples; `batch_size` is the number of images (input-less tasks) or prompts (tasks
-    with inputs) per engine call; `java` enables METEOR; `max_new_tokens` caps generation for every task, or per task
-    name as a dict (default:
-    each task's own budget); `score_mode` picks the per-instance confidence formula ("loc" or "label_loc", see
+    `limit` caps the number of samples; `batch_size` is the number of images per predictor pass; `java` enables
+    METEOR; `max_new_tokens` caps generation for every task, or per task name as a dict (default: each task's own
+    budget); `score_mode` picks the per-instance confidence formula ("loc" or "label_loc", see
     `fiore.tasks.parsers`; default: the engine's). `meta` is copied into the report. Returns the Report
     (`.save(path)` writes it).
     """
@@ -155,7 +102,6 @@ def evaluate(
     task_list = resolve_tasks(tasks)
     samples = list(samples)[:limit] if limit is not None else list(samples)
     runs = {t.name: _TaskRun(t, java) for t in task_list}
-    # Only options actually set are passed, so any engine with run/predict(images, task(s), text, region) works.
     if max_new_tokens is None:
         options = {}
     elif isinstance(max_new_tokens, Mapping):
@@ -164,6 +110,7 @@ def evaluate(
         options = {"max_new_tokens": int(max_new_tokens)}
     if score_mode is not None:
         options["score_mode"] = score_mode
+    predictor = florence.predictor(**({"score_mode": score_mode} if score_mode is not None else {}))
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
 
@@ -172,7 +119,7 @@ def evaluate(
         job = bar.add_task("evaluating", total=len(samples))
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
-            records += _evaluate_chunk(florence, chunk, task_list, runs, batch_size, options)
+            records += _evaluate_chunk(predictor, chunk, task_list, runs, options.get("max_new_tokens"))
             bar.advance(job, len(chunk))
 
     info = {"n_samples": len(samples), "tasks": [t.name for t in task_list], "batch_size": batch_size, **options}
@@ -193,10 +140,14 @@ def _progress(enabled: bool):
     )
 
 
-def _evaluate_chunk(
-    florence, chunk: list, task_list: list, runs: dict[str, _TaskRun], batch_size: int, options
-) -> list:
+def _budget(max_new_tokens, task) -> int | None:
+    return max_new_tokens.get(task.name) if isinstance(max_new_tokens, Mapping) else max_new_tokens
+
+
+def _evaluate_chunk(predictor, chunk: list, task_list: list, runs: dict[str, _TaskRun], max_new_tokens) -> list:
     """Predict and score every task on a chunk of samples; returns its prediction records."""
+    from fiore.request import Request
+
     images: dict[int, Any] = {}
     preloaded = {k for k, s in enumerate(chunk) if getattr(s, "image", None) is not None}
     work: dict[tuple[int, str], dict[tuple, list]] = {}  # (sample index, task) -> input key -> examples
@@ -229,52 +180,42 @@ def _evaluate_chunk(
 
     predictions: dict[tuple[int, str, tuple], Any] = {}
     failed: dict[tuple[int, str, tuple], str] = {}
-
-    # Input-less tasks: one engine call per batch of images, every such task at once.
-    plain = [t for t in task_list if getattr(t, "inputs", "none") == "none"]
-    if plain:
-        wanted = [k for k in images if any((k, t.name) in work for t in plain)]
-
-        def on_image_error(k, e):
-            for t in plain:
-                if (k, t.name) in work:
-                    failed[(k, t.name, (None, None))] = _message("model failed", chunk[k], e)
-
-        names = [t.name for t in plain]
-        results = _isolating(
-            lambda ks: _engine_run(florence, [images[k] for k in ks], names, options), wanted, on_image_error
-        )
-        for k, res in zip(wanted, results, strict=True):
-            if res is None:
+    # One request per (image, task, distinct input); a request that does not fit its image fails alone, up front.
+    asked: dict[int, list[tuple[tuple, Any]]] = {k: [] for k in images}
+    for (k, name), groups in work.items():
+        task = runs[name].task
+        for key in groups:
+            try:
+                request = Request.make(task, key[0], key[1], _budget(max_new_tokens, task))
+                request.prompt(chunk[k].size)
+            except Exception as e:
+                failed[(k, name, key)] = _message(f"input {key!r} cannot be asked", chunk[k], e)
                 continue
-            for t in plain:
-                if (k, t.name) not in work:
-                    continue
+            asked[k].append(((k, name, key), request))
+    wanted = [k for k in images if asked[k]]
+
+    def run(ks: list[int], pick=None) -> None:
+        predictor.set_images([images[k] for k in ks])
+        lists = [[r for _, r in asked[k]] if pick is None else [pick[1]] for k in ks]
+        for k, results in zip(ks, predictor.predict(lists), strict=True):
+            for (pkey, _), result in zip(asked[k] if pick is None else [pick], results, strict=True):
+                predictions[pkey] = result
+
+    if wanted:
+        try:
+            run(wanted)
+        except Exception:  # isolate: image by image, then request by request
+            for k in wanted:
                 try:
-                    predictions[(k, t.name, (None, None))] = _lookup(res, t)
-                except KeyError as e:
-                    failed[(k, t.name, (None, None))] = _message("model output", chunk[k], e)
-
-    # Tasks with inputs: one prediction per distinct input, batched.
-    for t in task_list:
-        if getattr(t, "inputs", "none") == "none":
-            continue
-        items = [(k, key) for (k, name), groups in work.items() if name == t.name for key in groups]
-
-        def on_item_error(item, e, t=t):
-            failed[(item[0], t.name, item[1])] = _message(f"model failed on input {item[1]!r}", chunk[item[0]], e)
-
-        def call(batch, t=t):
-            imgs = [images[k] for k, _ in batch]
-            return _engine_predict(
-                florence, t, imgs, [key[0] for _, key in batch], [key[1] for _, key in batch], options
-            )
-
-        for j in range(0, len(items), batch_size):
-            batch = items[j : j + batch_size]
-            for (k, key), res in zip(batch, _isolating(call, batch, on_item_error), strict=True):
-                if res is not None:
-                    predictions[(k, t.name, key)] = res
+                    run([k])
+                    continue
+                except Exception:
+                    pass
+                for item in asked[k]:
+                    try:
+                        run([k], item)
+                    except Exception as e:
+                        failed[item[0]] = _message(f"model failed on input {item[0][2]!r}", chunk[k], e)
 
     records = _score(chunk, work, predictions, failed, runs)
     for k, sample in enumerate(chunk):

@@ -65,19 +65,29 @@ class Task:
         region:      required for "region" tasks: [x1, y1, x2, y2] in pixels of an image of `image_size`
                      (width, height), quantized to 4 loc tokens; or a string of exactly 4 loc tokens.
         """
+        text, region = self.check_inputs(text, region)
+        if self.inputs == "none":
+            return self.template
+        if self.inputs == "text":
+            return self.template.format(input=text)
+        return self.template.format(input=self.region_tokens(region, image_size))
+
+    def check_inputs(self, text=None, region=None) -> tuple[str | None, tuple[float, ...] | str | None]:
+        """The inputs this task takes, validated without the image: (stripped text, region as a 4-tuple of floats
+        or a string of 4 loc tokens). The one rule set for every caller; `region_tokens` adds the image's."""
         if self.inputs == "none":
             if text is not None or region is not None:
                 raise TaskInputError(
                     f"task {self.token} takes no input; got {'text' if text is not None else 'region'}"
                 )
-            return self.template
+            return None, None
         if self.inputs == "text":
             if region is not None:
                 raise TaskInputError(f"task {self.token} takes text, not a region")
-            return self.template.format(input=self._check_text(text))
+            return self._check_text(text), None
         if text is not None:
             raise TaskInputError(f"task {self.token} takes a region, not text")
-        return self.template.format(input=self.region_tokens(region, image_size))
+        return None, self._check_region(region)
 
     def _check_text(self, text) -> str:
         if text is None:
@@ -93,8 +103,7 @@ class Task:
             )
         return text
 
-    def region_tokens(self, region, image_size) -> str:
-        """Validate a region and return its 4 loc tokens."""
+    def _check_region(self, region) -> tuple[float, float, float, float] | str:
         if region is None:
             raise TaskInputError(f"task {self.token} needs a region: [x1, y1, x2, y2] in pixels and image_size")
         if isinstance(region, str):
@@ -104,12 +113,6 @@ class Task:
             if any(int(k) > 999 for k in locs):
                 raise TaskInputError(f"location tokens go from <loc_0> to <loc_999>, got {region!r}")
             return "".join(f"<loc_{int(k)}>" for k in locs)
-        if image_size is None:
-            raise TaskInputError(f"task {self.token}: a region in pixels needs image_size=(width, height)")
-        try:
-            width, height = check_image_size(image_size)
-        except ValueError as e:
-            raise TaskInputError(str(e)) from None
         try:
             x1, y1, x2, y2 = (float(v) for v in region)
         except (TypeError, ValueError):
@@ -118,9 +121,25 @@ class Task:
             raise TaskInputError(f"region coordinates must be finite, got {region!r}")
         if x2 < x1 or y2 < y1:
             raise TaskInputError(f"region must have x1 <= x2 and y1 <= y2, got {region!r}")
+        return x1, y1, x2, y2
+
+    def region_tokens(self, region, image_size) -> str:
+        """Validate a region and return its 4 loc tokens. A region in pixels must overlap the image of
+        `image_size`; a part beyond an edge is clamped there by quantization, as the official processor does (a
+        detector's box often overshoots by a pixel)."""
+        region = self._check_region(region)
+        if isinstance(region, str):
+            return region
+        if image_size is None:
+            raise TaskInputError(f"task {self.token}: a region in pixels needs image_size=(width, height)")
+        try:
+            width, height = check_image_size(image_size)
+        except ValueError as e:
+            raise TaskInputError(str(e)) from None
+        x1, y1, x2, y2 = region
         if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
-            raise TaskInputError(f"region {region!r} lies outside the {width:g}x{height:g} image")
-        return box_to_tokens((x1, y1, x2, y2), (width, height))
+            raise TaskInputError(f"region {list(region)!r} lies outside the {width:g}x{height:g} image")
+        return box_to_tokens(region, (width, height))
 
     def serialize(self, result: Result, image_size) -> str:
         """Training target for `result` (no `<s>`/`</s>`); coordinates quantized against `image_size`."""
