@@ -16,37 +16,47 @@ import time
 
 import numpy as np
 
-from fiore import tasks as registry
 from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Text
 
 
-class FakeFlorence:
-    """`predict(images, task, text=None, region=None)` and `run(images, tasks)` like the real engine.
+class FakeEngine:
+    """A Florence-like engine: `predictor()` gives a `FakePredictor` (`set_images`, `predict` lists of
+    `fiore.Request`s) that answers each request with `self.answer(image, request)`.
 
-    `gate` (a threading.Event) blocks every predict call until set; `delay` sleeps per call. `calls` records
-    (task, number of images) per predict call.
+    `calls` records (task names asked in the pass, in order, comma-joined; number of images) per predict call,
+    `requests` the request lists themselves and `options` the predictor options.
     """
 
-    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
-        self.delay, self.gate = delay, gate
+    def __init__(self):
         self.calls: list[tuple[str, int]] = []
-        self.generation: list[dict] = []  # keyword options (max_new_tokens, ...) per call
+        self.requests: list[list[list]] = []
+        self.options: list[dict] = []
         self.lock = threading.Lock()
 
-    def run(self, images, tasks, **generation):
-        """tasks: names, or {name: {"text": ..., "region": ...}}; like `Florence.run`."""
-        single = not isinstance(images, list)
-        images = [images] if single else images
-        spec = tasks if isinstance(tasks, dict) else {t: {} for t in tasks}
+    def predictor(self, **options):
         with self.lock:
-            self.calls.append(("run:" + ",".join(spec), len(images)))
-            self.generation.append(generation)
-        self._wait()
-        out = [
-            {t: answer(im, registry.get(t).name, s.get("text"), s.get("region")) for t, s in spec.items()}
-            for im in images
-        ]
-        return out[0] if single else out
+            self.options.append(options)
+        return FakePredictor(self)
+
+    def answer(self, image, request):
+        raise NotImplementedError
+
+    def _wait(self):
+        pass
+
+
+class FakeFlorence(FakeEngine):
+    """Answers computed from the image pixels (`answer` below). `gate` (a threading.Event) blocks every predict
+    call until set; `delay` sleeps per call."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None):
+        super().__init__()
+        self.delay, self.gate = delay, gate
+
+    def answer(self, image, request):
+        """The Result for one request on one image (subclasses override to fail or change answers)."""
+        region = list(request.region) if request.region is not None else None
+        return answer(image, request.task.name, request.text, region)
 
     def _wait(self):
         if self.gate is not None:
@@ -54,15 +64,23 @@ class FakeFlorence:
         if self.delay:
             time.sleep(self.delay)
 
-    def predict(self, images, task, text=None, region=None, **generation):
-        single = not isinstance(images, list)
-        images = [images] if single else images
-        with self.lock:
-            self.calls.append((task, len(images)))
-            self.generation.append(generation)
-        self._wait()
-        out = [answer(im, registry.get(task).name, text, region) for im in images]
-        return out[0] if single else out
+
+class FakePredictor:
+    def __init__(self, florence: FakeEngine):
+        self.florence, self.images = florence, None
+
+    def set_images(self, images):
+        self.images = list(images)
+
+    def predict(self, requests):
+        f = self.florence
+        assert self.images is not None and len(requests) == len(self.images)
+        names = ",".join(dict.fromkeys(r.task.name for reqs in requests for r in reqs))
+        with f.lock:
+            f.calls.append((names, len(self.images)))
+            f.requests.append([list(reqs) for reqs in requests])
+        f._wait()
+        return [[f.answer(im, r) for r in reqs] for im, reqs in zip(self.images, requests, strict=True)]
 
 
 def answer(image, task: str, text=None, region=None):

@@ -49,10 +49,10 @@ def test_predict_table_and_outputs(fake, tmp_path):
     for task in ("od", "caption"):
         drawn = Image.open(tmp_path / "out" / f"scene.{task}.png")
         assert drawn.size == image.size
-    assert fake.calls == [("run:od,caption", 1)]  # one engine call: the image is encoded once
-    assert fake.generation == [{}]  # no cap: each task's own budget
+    assert fake.calls == [("od,caption", 1)]  # one engine call: the image is encoded once
+    assert [r.max_new_tokens for r in fake.requests[0][0]] == [None, None]  # no cap: each task's own budget
     r = invoke("predict", SCENE, "--task", "od", "--max-new-tokens", "5")
-    assert r.exit_code == 0 and fake.generation[-1] == {"max_new_tokens": 5}
+    assert r.exit_code == 0 and [r.max_new_tokens for r in fake.requests[-1][0]] == [5]
 
 
 def test_predict_all_inputs_and_coco(fake, tmp_path):
@@ -64,7 +64,7 @@ def test_predict_all_inputs_and_coco(fake, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     no_input = [t.name for t in registry.all() if t.inputs == "none"]
-    assert fake.calls == [("run:" + ",".join([*no_input, "caption_to_phrase_grounding", "region_to_category"]), 1)] * 2
+    assert fake.calls == [(",".join([*no_input, "caption_to_phrase_grounding", "region_to_category"]), 1)] * 2
     coco = json.loads((tmp_path / "o" / "coco.json").read_text())
     assert [im["file_name"] for im in coco["images"]] == ["scene.png", "other.png"]
     tasks_seen = {a["task"] for a in coco["annotations"]}
@@ -80,7 +80,7 @@ def test_predict_all_inputs_and_coco(fake, tmp_path):
     "args, words",
     [
         (["-t", "nope"], "unknown task 'nope'"),
-        (["-t", "caption_to_phrase_grounding"], "needs text"),
+        (["-t", "caption_to_phrase_grounding"], "needs a text input"),
         (["-t", "region_to_category"], "needs a region"),
         (["-t", "region_to_category", "--region", "1,2,3"], "four finite numbers"),
         (["-t", "region_to_category", "--region", "400,0,999,10"], "outside the 356x314 image"),

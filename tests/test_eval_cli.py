@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fake_florence import FakeEngine
 from typer.testing import CliRunner
 
 import fiore.cli
@@ -21,10 +22,11 @@ from fiore.eval import evaluate
 pytest.importorskip("pycocotools")
 
 
-class DiskOracle:
+class DiskOracle(FakeEngine):
     """Answers with the ground truth of the sample whose (already loaded) image it is given."""
 
     def __init__(self, samples):
+        super().__init__()
         self.samples = samples
 
     def _sample(self, image):
@@ -33,20 +35,12 @@ class DiskOracle:
                 return s
         raise LookupError("image of no known sample")
 
-    def _answer(self, task, image, text=None, region=None):
-        s = self._sample(image)
+    def answer(self, image, request):
+        task, s = request.task, self._sample(image)
         for ex in task.examples(s):
-            if ex.text == text and (region is None or tuple(ex.region) == tuple(region)):
+            if ex.text == request.text and (request.region is None or tuple(ex.region) == request.region):
                 return task.parse("</s><s>" + task.serialize(ex.target, s.size) + "</s>", s.size)
-        raise LookupError(f"no {task.name} example for {text!r} {region!r}")
-
-    def run(self, images, names, **_):
-        return [{n: self._answer(fiore.tasks.get(n), im) for n in names} for im in images]
-
-    def predict(self, images, task, text=None, region=None, **_):
-        t = fiore.tasks.get(task)
-        texts, regions = text or [None] * len(images), region or [None] * len(images)
-        return [self._answer(t, im, x, r) for im, x, r in zip(images, texts, regions, strict=True)]
+        raise LookupError(f"no {task.name} example for {request.text!r} {request.region!r}")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ report files, and recomputing a metric from predictions.jsonl with pycocotools d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -30,15 +31,11 @@ class Example:
     target: object = None
 
 
-class FakeTask:
-    """A task drawing its own examples, scored by the catalogue task of that name's scorer."""
-
-    def __init__(self, name, inputs, make):
-        self.name, self.token, self.inputs, self._make = name, f"<{name.upper()}>", inputs, make
-        self.scorer = fiore.tasks.get(name).scorer
-
-    def examples(self, sample):
-        return self._make(sample)
+def FakeTask(name, inputs, make):
+    """The catalogue task `name` (its prompt rules and scorer) drawing its examples with `make`."""
+    task = dataclasses.replace(fiore.tasks.get(name), _examples=make)
+    assert task.inputs == inputs
+    return task
 
 
 def _od(s):
@@ -94,17 +91,27 @@ def _sample(i: int) -> Sample:
 
 
 class FakeFlorence:
-    """Answers with the ground truth (mode="perfect") or nothing (mode="empty"); can fail on chosen images."""
+    """Answers with the ground truth (mode="perfect") or nothing (mode="empty"); can fail on chosen images.
+    `calls` records, per predictor pass, the task names asked of each image."""
 
     def __init__(self, samples, mode="perfect", fail_on=()):
         self.by_image = {s.image: s for s in samples if not isinstance(s, BrokenImage)}
         self.mode, self.fail_on = mode, set(fail_on)
-        self.run_calls, self.predict_calls = [], []
+        self.calls, self.requests = [], []
 
-    def _check(self, images):
-        for im in images:
-            if im[1] in self.fail_on:
-                raise RuntimeError(f"decoder exploded on {im}")
+    def predictor(self, **options):
+        return FakePredictor(self)
+
+    def answer(self, image, request):
+        if image[1] in self.fail_on:
+            raise RuntimeError(f"decoder exploded on {image}")
+        sample = self.by_image[image]
+        ex = next(
+            e
+            for e in BY_NAME[request.task.name].examples(sample)
+            if e.text == request.text and (e.region is None or tuple(e.region) == request.region)
+        )
+        return self._answer(request.task.name, sample, ex)
 
     def _answer(self, name, sample, ex):
         if self.mode == "empty":
@@ -117,29 +124,19 @@ class FakeFlorence:
             }[name]
         return ex.target
 
-    def run(self, images, names):
-        self.run_calls.append((len(images), list(names)))
-        self._check(images)
-        out = []
-        for im in images:
-            s = self.by_image[im]
-            out.append({n: self._answer(n, s, BY_NAME[n].examples(s)[0]) for n in names if BY_NAME[n].examples(s)})
-        return out
 
-    def predict(self, images, task, text=None, region=None):
-        self.predict_calls.append((task, len(images)))
-        self._check(images)
-        out = []
-        for j, im in enumerate(images):
-            s = self.by_image[im]
-            exs = BY_NAME[task].examples(s)
-            ex = next(
-                e
-                for e in exs
-                if (text is None or e.text == text[j]) and (region is None or e.region == tuple(region[j]))
-            )
-            out.append(self._answer(task, s, ex))
-        return out
+class FakePredictor:
+    def __init__(self, florence):
+        self.florence, self.images = florence, []
+
+    def set_images(self, images):
+        self.images = list(images)
+
+    def predict(self, requests):
+        f = self.florence
+        f.calls.append([[r.task.name for r in reqs] for reqs in requests])
+        f.requests += [r for reqs in requests for r in reqs]
+        return [[f.answer(im, r) for r in reqs] for im, reqs in zip(self.images, requests, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------------- tests
@@ -166,15 +163,15 @@ def test_empty_predictions_score_zero():
     assert m["classify"]["top1"] == 0.0 and m["region_to_segmentation"]["mIoU"] == 0.0
 
 
-def test_one_encoding_call_per_image_batch_and_batched_prompts():
+def test_one_predictor_pass_per_image_batch_with_every_request():
     samples = [_sample(i) for i in range(5)]
     engine = FakeFlorence(samples)
     evaluate(engine, samples, TASKS, batch_size=2, progress=False)
-    # input-less tasks share one run() per batch of <= 2 images; 5 images -> 3 calls
-    assert [n for n, _ in engine.run_calls] == [2, 2, 1]
-    assert all(names == ["od", "caption", "classify"] for _, names in engine.run_calls)
-    assert all(n <= 2 for _, n in engine.predict_calls)
-    assert sum(n for t, n in engine.predict_calls if t == "vqa") == 5
+    # one pass per batch of <= 2 images; 5 images -> 3 passes, each image asked every task in the same pass
+    assert [len(call) for call in engine.calls] == [2, 2, 1]
+    for i, names in enumerate(n for call in engine.calls for n in call):
+        # region_to_segmentation once per object (odd images have two)
+        assert names == ["od", "caption", "vqa", "classify"] + ["region_to_segmentation"] * (1 + i % 2), names
 
 
 def test_bad_samples_are_counted_not_dropped():
@@ -286,17 +283,17 @@ def test_headline_metrics_flat_and_restores_training_mode():
     engine.model = torch.nn.Linear(1, 1)
     engine.model.train()
     seen = []
-    original = engine.run
+    original = engine.answer
 
-    def run(images, names):
+    def answer(image, request):
         seen.append(engine.model.training)
-        return original(images, names)
+        return original(image, request)
 
-    engine.run = run
+    engine.answer = answer
     out = headline_metrics(engine, samples, TASKS)
     assert out["od/mAP"] == pytest.approx(1.0) and out["classify/top1"] == 1.0 and "caption/CIDEr" in out
     assert all(isinstance(v, float) for v in out.values())
-    assert seen == [False] and engine.model.training
+    assert seen and not any(seen) and engine.model.training
 
 
 def test_rejects_bad_arguments():
@@ -308,17 +305,7 @@ def test_rejects_bad_arguments():
 
 def test_max_new_tokens_is_forwarded_to_the_engine():
     samples = [_sample(i) for i in range(2)]
-    seen = []
-
-    class Capped(FakeFlorence):
-        def run(self, images, names, **kw):
-            seen.append(("run", kw))
-            return super().run(images, names)
-
-        def predict(self, images, task, text=None, region=None, **kw):
-            seen.append((task, kw))
-            return super().predict(images, task, text, region)
-
-    report = evaluate(Capped(samples), samples, TASKS, progress=False, max_new_tokens=7)
-    assert seen and all(kw == {"max_new_tokens": 7} for _, kw in seen)
+    engine = FakeFlorence(samples)
+    report = evaluate(engine, samples, TASKS, progress=False, max_new_tokens=7)
+    assert engine.requests and all(r.max_new_tokens == 7 for r in engine.requests)
     assert report.meta["max_new_tokens"] == 7

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from fake_florence import FakeEngine
 
 import fiore.tasks
 from fiore.data.sample import QA, Grounding, Object, Ref, Sample, TextItem
@@ -50,27 +51,20 @@ def _sample(i: int) -> Sample:
     )
 
 
-class OracleFlorence:
-    """Answers every prompt with the ground truth as the model would emit it: serialize, then parse."""
+class OracleFlorence(FakeEngine):
+    """Answers every request with the ground truth as the model would emit it: serialize, then parse."""
 
     def __init__(self, samples):
+        super().__init__()
         self.by_image = {s.image: s for s in samples}
 
-    def _answer(self, task, sample, text=None, region=None):
+    def answer(self, image, request):
+        task, sample = request.task, self.by_image[image]
         for ex in task.examples(sample):
-            if ex.text == text and (region is None or tuple(ex.region) == tuple(region)):
+            if ex.text == request.text and (request.region is None or tuple(ex.region) == request.region):
                 raw = "</s><s>" + task.serialize(ex.target, sample.size) + "</s>"
                 return task.parse(raw, sample.size)
-        raise LookupError(f"no example of {task.name} for input {text!r} {region!r}")
-
-    def run(self, images, names):
-        return [{n: self._answer(fiore.tasks.get(n), self.by_image[im]) for n in names} for im in images]
-
-    def predict(self, images, task, text=None, region=None):
-        t = fiore.tasks.get(task)
-        texts = text or [None] * len(images)
-        regions = region or [None] * len(images)
-        return [self._answer(t, self.by_image[im], x, r) for im, x, r in zip(images, texts, regions, strict=True)]
+        raise LookupError(f"no example of {task.name} for input {request.text!r} {request.region!r}")
 
 
 def test_every_catalogue_task_has_a_metric():
@@ -125,10 +119,10 @@ class PartialOracle(OracleFlorence):
         super().__init__(samples)
         self.answered = set(answered)
 
-    def _answer(self, task, sample, text=None, region=None):
-        if sample.image[1] in self.answered:
-            return super()._answer(task, sample, text, region)
-        return task.parse("</s><s></s>", sample.size)
+    def answer(self, image, request):
+        if image[1] in self.answered:
+            return super().answer(image, request)
+        return request.task.parse("</s><s></s>", self.by_image[image].size)
 
 
 AP_HALF = 51 / 101  # COCO AP with every detection right and recall 0.5: precision 1 at 51 of the 101 recall points

@@ -91,11 +91,12 @@ def test_torn_journal_line_and_option_mismatch(tmp_path):
     journal = journal_path(out)
     header = {"fiore_label_journal": 1, "task": "od", "text": None, "model": None}
     from fiore.draw import to_coco
-    from fiore.jobs import open_image
+    from fiore.processor import load_image
+    from fiore.request import Request
 
     first = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))[0]
-    image = open_image(folder / first)
-    anns = [{k: v for k, v in a.items() if k != "image_id"} for a in to_coco(full.predict([image], "od")[0], 0)]
+    image = load_image(folder / first)
+    anns = [{k: v for k, v in a.items() if k != "image_id"} for a in to_coco(full.answer(image, Request.make("od")), 0)]
     rec = {"file_name": first, "width": image.width, "height": image.height, "annotations": anns}
     journal.write_text(json.dumps(header) + "\n" + json.dumps(rec) + "\n" + '{"file_name": "sub/0')
     fake = FakeFlorence()

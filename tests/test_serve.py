@@ -109,10 +109,10 @@ def test_json_body_and_all(server):
     [
         (dict(data={"task": "nope"}), 400, "unknown task 'nope'"),
         (dict(data={}), 400, "at least one task"),
-        (dict(data={"task": "caption_to_phrase_grounding"}), 400, "needs text"),
+        (dict(data={"task": "caption_to_phrase_grounding"}), 400, "needs a text input"),
         (dict(data={"task": "region_to_category"}), 400, "needs a region"),
         (dict(data={"task": "region_to_category", "region": "1,2,3"}), 400, "four"),
-        (dict(data={"task": "region_to_category", "region": "10,10,5,20"}), 400, "x1 < x2"),
+        (dict(data={"task": "region_to_category", "region": "10,10,5,20"}), 400, "x1 <= x2"),
         (dict(data={"task": "region_to_category", "region": "65,0,70,10"}), 400, "outside the 64x48 image"),
         (dict(data={"task": "vqa", "text": "x" * 51}), 413, "limit of 50"),
         (dict(data={"task": "od"}, image=png(501, 500)), 413, "limit of 250000"),
@@ -203,10 +203,10 @@ def test_overload_answers_503_with_retry_after():
 
 def test_engine_failure_is_500_and_server_survives():
     class Broken(FakeFlorence):
-        def run(self, images, tasks):
-            if "od" in tasks:
+        def answer(self, image, request):
+            if request.task.name == "od":
                 raise RuntimeError("boom")
-            return super().run(images, tasks)
+            return super().answer(image, request)
 
     with running_server(create_app(Broken())) as url:
         files = {"image": ("x.png", png(), "image/png")}
@@ -316,20 +316,24 @@ def test_a_batch_mixing_tasks_texts_and_regions_answers_each_request_its_own_que
         box = [float(v) for v in region.split(",")] if region else None
         assert r.status_code == 200, r.text
         assert r.json() == {task: expected(images[i], task, text, box)}, MIXED[i]
-    # one worker pass took the 7 queued requests: 6 groups, the two plain "caption" requests sharing one engine call
+    # one worker pass took the 7 queued requests, and one predictor call answered them all, each image asked its own
     assert {int(k): v for k, v in stats["requests_per_pass"].items()} == {1: 1, len(MIXED) - 1: 1}
-    assert sorted(n for _, n in fake.calls[1:]) == [1, 1, 1, 1, 1, 2]
+    assert [n for _, n in fake.calls[1:]] == [len(MIXED) - 1]
+    asked = sorted([(r.task.name, r.text, r.region) for r in reqs] for reqs in fake.requests[1])
+    assert asked == sorted(
+        [(task, text, tuple(float(v) for v in region.split(",")) if region else None)]
+        for task, text, region in MIXED[1:]
+    )
 
 
 def test_one_failing_group_in_a_shared_batch_fails_alone():
     gate = threading.Event()
 
     class BrokenOnGrounding(FakeFlorence):
-        def run(self, images, tasks, **generation):
-            if "caption_to_phrase_grounding" in tasks:
-                super()._wait()
+        def answer(self, image, request):
+            if request.task.name == "caption_to_phrase_grounding":
                 raise RuntimeError("boom")
-            return super().run(images, tasks, **generation)
+            return super().answer(image, request)
 
     fake = BrokenOnGrounding(gate=gate)
     config = ServeConfig(max_batch=16, max_wait_ms=0, max_queue=64)
@@ -369,4 +373,4 @@ def test_a_client_that_gives_up_costs_no_engine_work():
             gate.set()
             assert first.result().status_code == 200
         assert httpx.post(f"{url}/v1/predict", files=files, data={"task": "ocr"}, timeout=60).status_code == 200
-    assert [task for task, _ in fake.calls] == ["run:od", "run:ocr"]  # the abandoned caption never ran
+    assert [task for task, _ in fake.calls] == ["od", "ocr"]  # the abandoned caption never ran
