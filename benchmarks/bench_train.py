@@ -28,7 +28,7 @@ import torch
 
 from fiore.config import preset
 from fiore.model import FlorenceModel
-from fiore.train.loop import MultiTaskLoss
+from fiore.train.loss import MultiTaskLoss
 
 IMAGE_TOKEN_ID = 51289
 NATIVE_VOCAB = 51328

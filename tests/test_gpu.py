@@ -16,7 +16,7 @@ from PIL import Image
 from test_train import _loss_inputs, _reference_loss, _smoke_model
 
 import fiore
-from fiore.train.loop import MultiTaskLoss
+from fiore.train.loss import MultiTaskLoss
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device(os.environ.get("FIORE_GPU_TEST_DEVICE", "cuda"))

@@ -212,7 +212,7 @@ def _reference_loss(model, x, weights):
 
 
 def test_length_groups_split_only_where_it_saves_decoder_work():
-    from fiore.train.loop import length_groups
+    from fiore.train.loss import length_groups
 
     assert length_groups([3] * 8, 4) == [8]  # equal lengths: nothing to save
     assert length_groups([2, 2, 2, 2, 30, 30, 30, 30], 4) == [4, 4]  # two lengths: two groups, not four
@@ -223,7 +223,7 @@ def test_length_groups_split_only_where_it_saves_decoder_work():
 
 
 def test_grouped_decoding_and_gradient_checkpointing_give_the_plain_loss_and_gradients():
-    from fiore.train.loop import MultiTaskLoss, length_groups
+    from fiore.train.loss import MultiTaskLoss, length_groups
 
     weights = [1.0, 2.0]
     x = _loss_inputs(500, lengths=(2, 20, 3, 12, 5, 9), B=2)
@@ -259,7 +259,7 @@ class _MatmulDtypes(TorchDispatchMode):
 
 
 def test_bf16_autocast_step_runs_its_matmuls_in_bf16_and_matches_fp32():
-    from fiore.train.loop import MultiTaskLoss
+    from fiore.train.loss import MultiTaskLoss
 
     x = _loss_inputs(500, lengths=(2, 20, 3, 12, 5, 9))
     results = {}

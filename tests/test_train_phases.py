@@ -14,7 +14,8 @@ import fiore
 from fiore.checkpoint import CONTRASTIVE_FILE
 from fiore.train import checkpointing
 from fiore.train.config import ConfigError, load_config
-from fiore.train.loop import ImageRelianceGuard, train
+from fiore.train.evaluation import ImageRelianceGuard
+from fiore.train.loop import train
 from fiore.train.mixture import ContrastiveTexts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_guard_stays_quiet_before_warmup_and_for_a_model_that_sees():
 def test_a_phase_can_keep_task_gradients_out_of_the_vision_tower():
     from test_train import _loss_inputs, _smoke_model
 
-    from fiore.train.loop import MultiTaskLoss
+    from fiore.train.loss import MultiTaskLoss
 
     def tower_grad(vision_from_tasks, with_texts):
         model = _smoke_model()
@@ -157,7 +158,7 @@ def test_a_phase_can_keep_task_gradients_out_of_the_vision_tower():
 def test_lr_scale_gives_a_part_its_own_learning_rate(tmp_path):
     from test_train import _smoke_model
 
-    from fiore.train.loop import make_optimizer
+    from fiore.train.optim import make_optimizer
 
     model = _smoke_model()
     config = phased(tmp_path, **{"optim.lr_scale": {"vision_tower": 0.5}})
@@ -171,3 +172,36 @@ def test_lr_scale_gives_a_part_its_own_learning_rate(tmp_path):
         make_optimizer(model, phased(tmp_path, **{"optim.lr_scale": {"model.nothing.": 2.0}}))
     with pytest.raises(ConfigError, match="lr_scale"):
         phased(tmp_path, **{"optim.lr_scale": {"vision_tower": 0}})
+
+
+def test_named_parts_cover_the_documented_parameters():
+    """Each part of docs/training.md's table, found through the model's modules, is exactly the parameters named
+    there; the tied embedding belongs to "embeddings" (and "language_model") only."""
+    from test_train import _smoke_model
+
+    from fiore.train.parts import freeze, model_parts
+
+    model = _smoke_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    tied = "model.language_model.shared.weight"
+    tower, projector = "model.vision_tower.", "model.multi_modal_projector."
+    expected = {
+        "vision_tower": lambda n: n.startswith(tower),
+        "projector": lambda n: n.startswith(projector),
+        "vision": lambda n: n.startswith((tower, projector)),
+        "embeddings": lambda n: n == tied,
+        "encoder": lambda n: n.startswith("model.language_model.encoder."),
+        "decoder": lambda n: n.startswith("model.language_model.decoder."),
+        "language_model": lambda n: n.startswith("model.language_model."),
+    }
+    parts = model_parts(model)
+    assert set(parts) == set(expected)
+    for part, rule in expected.items():
+        got = {names[id(p)] for p in parts[part].parameters()}
+        assert got == {n for n in names.values() if rule(n)}, part
+        assert got, part
+    assert freeze(model, ["model.vision_tower.convs.0"]) and not any(
+        p.requires_grad for n, p in model.named_parameters() if n.startswith("model.vision_tower.convs.0")
+    )
+    with pytest.raises(ValueError, match="freeze: 'nowhere' matches no parameter"):
+        freeze(model, ["nowhere"])

@@ -15,7 +15,6 @@ from fiore.model.kernels import token_cross_entropy
 from fiore.tokenizer import Tokenizer
 from fiore.train import checkpointing
 from fiore.train.config import ConfigError, TrainConfig, load_config, parse_override
-from fiore.train.loop import Schedule
 from fiore.train.mixture import (
     IGNORE_INDEX,
     Mixture,
@@ -23,6 +22,7 @@ from fiore.train.mixture import (
     collate,
     combine,
 )
+from fiore.train.optim import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
 def test_evaluation_budgets_follow_the_longest_held_out_target():
     import fiore
     from fiore.data.synthetic import make_sample
-    from fiore.train.loop import generation_budgets
+    from fiore.train.evaluation import generation_budgets
 
     tok = fiore.load().tokenizer
     samples = [make_sample(5, i) for i in range(4)]

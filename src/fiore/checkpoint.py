@@ -307,16 +307,29 @@ def build_model(
     """A FlorenceModel holding exactly `state_dict` (strict), on `device` in `dtype`, in eval mode."""
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = FlorenceModel(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
-    check_state_dict(expected, state_dict, source)
-    full = dict(state_dict)
-    for key in TIED_KEYS:
-        full[key] = state_dict[SHARED_KEY]
-    model.load_state_dict(full, strict=True, assign=True)
+    check_state_dict(expected_shapes(model), state_dict, source)
+    model.load_state_dict(with_tied(state_dict), strict=True, assign=True)
     model.tie_weights()  # assign=True gave lm_head its own Parameter object
     model.to(device=device, dtype=dtype)
     model.tie_weights()
     return model.eval()
+
+
+def expected_shapes(model: FlorenceModel) -> dict[str, torch.Size]:
+    """The state-dict keys and shapes a checkpoint must hold for `model` (the tied embedding once)."""
+    return {k: v.shape for k, v in model.state_dict().items() if k not in TIED_KEYS}
+
+
+def with_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict with the tied embedding's aliases filled in, as `load_state_dict` wants it."""
+    return {**state_dict, **{key: state_dict[SHARED_KEY] for key in TIED_KEYS}}
+
+
+def load_weights(model: FlorenceModel, state_dict: dict[str, torch.Tensor], source: str = "") -> None:
+    """Copy a checkpoint's state dict (from `load_checkpoint`) into a live model's parameters, strictly: every key
+    present, none extra, every shape equal (one CheckpointError naming them all otherwise)."""
+    check_state_dict(expected_shapes(model), state_dict, source)
+    model.load_state_dict(with_tied(state_dict), strict=True)
 
 
 def load_model(

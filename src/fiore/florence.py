@@ -18,6 +18,23 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("fiore") / "default_model"))
 
 
+def checkpoint_dir(path: str | Path | None) -> Path:
+    """The directory `fiore.load(path)` reads: the path itself, a Hugging Face repository id resolved through
+    huggingface_hub's cache (`fiore.hub`), or, for None, the model shipped with fiore."""
+    from fiore import hub
+
+    if path is not None and hub.looks_like_repo_id(path):
+        return Path(hub.resolve(str(path)))
+    if path is None:
+        path = default_model_dir()
+        if not (path / "config.json").exists():
+            raise CheckpointError(
+                f"no default model is shipped in this installation ({path} is missing); "
+                "pass a checkpoint directory to fiore.load(path)"
+            )
+    return Path(path)
+
+
 class Florence:
     """A model plus what it needs to read prompts and images. Tokenizer and processor are built on first use."""
 
@@ -45,18 +62,9 @@ class Florence:
         The model is prepared for inference (`fiore.model.inference.prepare_for_inference`): `strategies` "auto"
         (default, or $FIORE_STRATEGIES) keeps the speed strategies that measure faster on this machine, "none" the
         plain modules (to train the loaded model), "all" or a list of names forces them."""
-        from fiore import hub
-
-        if path is not None and hub.looks_like_repo_id(path):
-            path = hub.resolve(str(path))
-        if path is None:
-            path = default_model_dir()
-            if not (path / "config.json").exists():
-                raise CheckpointError(
-                    f"no default model is shipped in this installation ({path} is missing); "
-                    "pass a checkpoint directory to fiore.load(path)"
-                )
         from fiore.model.inference import prepare_for_inference
+
+        path = checkpoint_dir(path)
 
         model, config = load_model(path, device=device, dtype=dtype)
         return cls(prepare_for_inference(model, strategies), config, source=path)

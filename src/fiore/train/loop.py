@@ -1,22 +1,15 @@
 """The one training loop for every task: `train(config)`.
 
-Step anatomy (one micro-batch of B images and R >= B rows, see `fiore.train.mixture`):
-
-    features = model.encode_image(pixel_values)            (B, N, d)   each image encoded once
-    features = features[image_index]                        (R, N, d)   shared by the image's K task rows
-    hidden, mask = model.encode(features, input_ids, attention_mask)
-    h = model.decode(decoder_input_ids, hidden, mask)       (R, T, d)
-    logits = model.logits(h[labels != -100])                only real label tokens reach the LM head
-    loss = sum_t lambda_t L_t / sum_t lambda_t              (tasks present in the micro-batch)
-
 AdamW (no decay on biases / norms), linear warmup + cosine, global-norm clipping, accumulation, optional bf16
-autocast and gradient checkpointing, frozen parts excluded from the optimizer, DDP under torchrun.
+autocast and gradient checkpointing, frozen parts excluded from the optimizer, DDP under torchrun. The pieces live
+by concern: what a run starts from (`fiore.train.build`), named parts to freeze (`.parts`), the optimizer and
+schedule (`.optim`), the forward and loss (`.loss`), evaluation during training (`.evaluation`), the metrics log
+(`.logger`), the data (`.data`, `.mixture`), checkpoints (`.checkpointing`), DDP (`.ddp`) and LoRA (`.lora`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -24,270 +17,23 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from fiore import tasks as registry
-from fiore.model.contrastive import unicl_loss
-from fiore.model.kernels import token_cross_entropy
 from fiore.train import checkpointing, ddp, lora, memory
+from fiore.train.build import build_model, export, load_weights, starting_checkpoint
 from fiore.train.config import TrainConfig
 from fiore.train.data import Cycle, build_data, make_replay, read_replay, replay_cache
-from fiore.train.mixture import (
-    IGNORE_INDEX,
-    Batch,
-    ContrastiveTexts,
-    Mixture,
-    MixtureDataset,
-    PhaseData,
-    combine,
-    loader,
-)
-
-# Named parts for `[train] freeze`: (name prefixes, substrings excluded). Tied token embeddings belong to
-# "embeddings" only, so freezing "encoder" leaves the shared embedding (also the LM head) trainable.
-PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "vision_tower": (("model.vision_tower.",), ()),
-    "projector": (("model.multi_modal_projector.",), ()),
-    "vision": (("model.vision_tower.", "model.multi_modal_projector."), ()),
-    "embeddings": (
-        (
-            "model.language_model.shared.",
-            "lm_head.",
-            "model.language_model.encoder.embed_tokens.",
-            "model.language_model.decoder.embed_tokens.",
-        ),
-        (),
-    ),
-    "encoder": (("model.language_model.encoder.",), ("embed_tokens",)),
-    "decoder": (("model.language_model.decoder.",), ("embed_tokens",)),
-    "language_model": (("model.language_model.", "lm_head."), ()),
-}
-# Modules put in eval mode (no dropout / drop-path) when the part is frozen as a whole.
-PART_MODULES = {
-    "vision_tower": ["model.vision_tower"],
-    "projector": ["model.multi_modal_projector"],
-    "vision": ["model.vision_tower", "model.multi_modal_projector"],
-    "encoder": ["model.language_model.encoder"],
-    "decoder": ["model.language_model.decoder"],
-    "language_model": ["model.language_model"],
-}
-
-
-# ---------------------------------------------------------------------------------------------------- freezing
-
-
-def freeze(model: nn.Module, names: list[str]) -> list[str]:
-    """Set requires_grad=False on the named parts (see PARTS) or parameter-name prefixes; return frozen names.
-
-    Names are the deduplicated `named_parameters()` names (a tied weight appears once).
-    """
-    params = dict(model.named_parameters())
-    frozen = set()
-    for name in names:
-        include, exclude = PARTS.get(name, ((name,), ()))
-        hit = [n for n in params if n.startswith(include) and not any(x in n for x in exclude)]
-        if not hit:
-            raise ValueError(f"freeze: {name!r} matches no parameter; parts: {sorted(PARTS)} or a parameter prefix")
-        frozen.update(hit)
-    for n in frozen:
-        params[n].requires_grad_(False)
-    return sorted(frozen)
-
-
-def vision_frozen(model: nn.Module) -> bool:
-    prefixes = ("model.vision_tower.", "model.multi_modal_projector.")
-    ps = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
-    return bool(ps) and not any(p.requires_grad for p in ps)
-
-
-# ---------------------------------------------------------------------------------------------------- optimizer
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only (frozen ones hold no state); no decay on 1-D params (norms, biases).
-
-    Each group carries `lr_scale` (from `[optim] lr_scale`, by part name or parameter prefix): the loop sets a
-    group's lr to the schedule's value times it.
-    """
-    o = config.optim
-    scales = [(part, *PARTS.get(part, ((part,), ())), float(scale)) for part, scale in o.lr_scale.items()]
-    groups: dict[tuple[float, bool], list] = {}
-    matched = set()
-    for name, p in model.named_parameters():  # deduplicated: a tied weight is one parameter
-        if not p.requires_grad:
-            continue
-        scale = 1.0
-        for part, include, exclude, part_scale in scales:
-            if name.startswith(include) and not any(x in name for x in exclude):
-                scale = part_scale
-                matched.add(part)
-                break
-        groups.setdefault((scale, p.ndim >= 2), []).append(p)
-    if not groups:
-        raise ValueError("every parameter is frozen: nothing to train")
-    unmatched = [part for part in o.lr_scale if part not in matched]
-    if unmatched:
-        raise ValueError(f"[optim] lr_scale: {unmatched} match no trainable parameter; parts: {sorted(PARTS)}")
-    param_groups = [
-        {"params": ps, "weight_decay": o.weight_decay if decay else 0.0, "lr_scale": scale}
-        for (scale, decay), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
-    ]
-    kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
-    try:
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
-
-
-@dataclass
-class Schedule:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine to lr * min_lr_ratio at `steps`. A pure function of
-    the step, so the scheduler state is the step count."""
-
-    lr: float
-    warmup_steps: int
-    steps: int
-    min_lr_ratio: float = 0.1
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-# ---------------------------------------------------------------------------------------------------- the step
-
-
-class MultiTaskLoss(nn.Module):
-    """The whole training forward as one module, so DDP's forward hook sees it. Returns (loss, loss_sum, tokens).
-
-    Target lengths vary a lot (a class name vs. a paragraph or a polygon), so rows are sorted by label length and
-    decoded in up to `decode_groups` groups (as many as pay off, see `length_groups`), each padded only to its own
-    longest row; only real label tokens reach the
-    LM head. Same loss as one padded pass, a fraction of the decoder work.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        weights: list[float],
-        precision: str = "fp32",
-        decode_groups: int = 4,
-        frozen_parts: Sequence[str] = (),
-        contrastive: float = 0.0,
-    ):
-        super().__init__()
-        self.model = model
-        # Wholly frozen parts stay in eval mode while training (no dropout / drop-path): fixed feature extractors.
-        self.eval_paths = [path for part in frozen_parts for path in PART_MODULES.get(part, [])]
-        # lambda_t of each task, then of the contrastive loss; `set_weights` changes them at a phase boundary
-        self.register_buffer("weights", torch.tensor([*weights, contrastive], dtype=torch.float32), persistent=False)
-        self.precision = precision
-        self.decode_groups = decode_groups
-        # Set per phase by the loop: False = the task rows read the image tokens detached (no task gradient into
-        # the vision tower and projector); the contrastive loss, if any, still trains them.
-        self.vision_from_tasks = True
-
-    def set_weights(self, weights: Sequence[float], contrastive: float = 0.0) -> None:
-        self.weights.copy_(torch.tensor([*weights, contrastive], dtype=torch.float32))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            for path in self.eval_paths:
-                self.model.get_submodule(path).eval()
-        return self
-
-    def autocast(self, device: torch.device):
-        if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def forward(
-        self,
-        pixel_values,
-        image_index,
-        input_ids,
-        attention_mask,
-        decoder_input_ids,
-        labels,
-        task_index,
-        text_ids=None,
-        text_mask=None,
-        text_group=None,
-    ):
-        """-> (loss, loss_sum (K+1,), tokens (K+1,)): K tasks, then the contrastive loss (its "tokens" = 1 when
-        the batch had image-text pairs, else 0, so `combine` leaves it out)."""
-        model = self.model
-        valid = labels != IGNORE_INDEX  # (R, T)
-        lengths = valid.sum(1)  # (R,)
-        order = lengths.argsort(stable=True)
-        groups = length_groups(lengths[order].tolist(), self.decode_groups)
-        with self.autocast(pixel_values.device):
-            no_grad = not torch.is_grad_enabled() or vision_frozen(model)
-            with torch.no_grad() if no_grad else contextlib.nullcontext():
-                image_features = model.encode_image(pixel_values)  # (B, N, d)
-            task_features = image_features if self.vision_from_tasks else image_features.detach()
-            features = task_features.index_select(0, image_index)  # (R, N, d)
-            row_groups = order.split(groups)
-            logits = model.target_logits(features, input_ids, attention_mask, decoder_input_ids, valid, row_groups)
-            # the same tokens in the same order as the logits: group by group, row-major
-            targets = torch.cat([labels[rows][valid[rows]] for rows in row_groups])
-            token_task = torch.cat([task_index[rows, None].expand_as(valid[rows])[valid[rows]] for rows in row_groups])
-            contrastive = None
-            if text_ids is not None and bool((text_group >= 0).any()):
-                keep = text_group >= 0
-                images = model.embed_image(image_features[keep])
-                texts = model.embed_text(text_ids[keep], text_mask[keep])
-                contrastive = unicl_loss(images.float(), texts.float(), model.contrastive.scale(), text_group[keep])
-        ce = token_cross_entropy(logits.float(), targets, overwrite_logits=True)  # only this loss reads them
-        K = self.weights.numel()  # tasks + 1: the contrastive loss is the last entry
-        loss_sum = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add(0, token_task, ce)
-        tokens = torch.zeros(K, dtype=ce.dtype, device=ce.device).index_add_(0, token_task, torch.ones_like(ce))
-        if contrastive is not None:
-            loss_sum = torch.cat([loss_sum[:-1], contrastive.reshape(1)])
-            tokens[-1] = 1.0
-        return combine(loss_sum, tokens, self.weights), loss_sum.detach(), tokens
-
-
-def length_groups(sorted_lengths: list[int], max_groups: int, overhead: float = 0.1) -> list[int]:
-    """Sizes of consecutive groups of length-sorted rows to decode separately.
-
-    Each group pads to its own longest row. Tries 1..max_groups near-equal groups and takes the fewest whose padded
-    token count is within `overhead` (per extra group) of the best: one more decoder call only when it saves work.
-    """
-    R = len(sorted_lengths)
-    best = None
-    for g in range(1, min(max_groups, R) + 1):
-        sizes = [R // g + (i < R % g) for i in range(g)]
-        ends = [sum(sizes[: i + 1]) for i in range(g)]
-        padded = sum(n * sorted_lengths[e - 1] for n, e in zip(sizes, ends, strict=True))
-        cost = padded * (1 + overhead * (g - 1))
-        if best is None or cost < best[0]:
-            best = (cost, sizes)
-    return best[1]
-
-
-def _call(module: nn.Module, batch: Batch):
-    return module(
-        batch.pixel_values,
-        batch.image_index,
-        batch.input_ids,
-        batch.attention_mask,
-        batch.decoder_input_ids,
-        batch.labels,
-        batch.task_index,
-        batch.text_ids,
-        batch.text_mask,
-        batch.text_group,
-    )
+from fiore.train.evaluation import Best, Evaluator, ImageRelianceGuard, check_best_metric, evaluate_and_log
+from fiore.train.logger import Logger, truncate_metrics
+from fiore.train.loss import MultiTaskLoss, forward_batch
+from fiore.train.mixture import ContrastiveTexts, Mixture, MixtureDataset, PhaseData, combine, loader
+from fiore.train.optim import Schedule, make_optimizer
+from fiore.train.parts import freeze
 
 
 def param_checksum(model: nn.Module) -> str:
@@ -297,271 +43,6 @@ def param_checksum(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------- building
-
-
-def build_tokenizer(config: TrainConfig, out_dir: Path, world: ddp.World, stream):
-    """From a preset: train a byte-level BPE on prompts + targets of the first `tokenizer.samples` samples of the
-    training stream (every task, so later fine-tunes find their tokens), save it to OUT/tokenizer. Rank 0 trains;
-    the others load."""
-    from fiore.tokenizer import Tokenizer
-
-    tok_dir = out_dir / "tokenizer"
-    if world.is_main and not tok_dir.exists():
-        import fiore.tasks
-
-        mixture = Mixture({t.name: 1.0 for t in fiore.tasks.all()}, tokenizer=None)
-        texts = []
-        for i in range(config.tokenizer.samples):
-            texts.extend(mixture.texts(stream[i]))
-        tok = Tokenizer.train(texts, config.tokenizer.vocab_size)
-        tmp = out_dir / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save(tmp)
-        tmp.replace(tok_dir)
-    ddp.barrier(world)
-    return Tokenizer.from_dir(tok_dir)
-
-
-def build_model(config: TrainConfig, out_dir: Path, world: ddp.World, stream=None):
-    """-> (model, model_config, tokenizer). Preset: fresh weights (seeded) + a tokenizer trained here.
-    Checkpoint: its config (with [model] overrides) and weights, loaded strictly, and its tokenizer."""
-    from fiore.model import FlorenceModel
-
-    m = config.model
-    overrides = {"text": dict(m.text), "vision": dict(m.vision)}
-    if m.image_size is not None:
-        overrides["image_size"] = tuple(m.image_size)
-    if m.contrastive_dim is not None:
-        overrides["contrastive_dim"] = m.contrastive_dim
-    if m.contrastive_template is not None:
-        overrides["contrastive_template"] = m.contrastive_template
-    if m.checkpoint is not None:
-        import fiore
-
-        florence = fiore.load(starting_checkpoint(config), strategies="none")  # weights to train from
-        tokenizer = florence.tokenizer
-        model_config = florence.config.replace(**overrides)
-        torch.manual_seed(config.train.seed)
-        model = FlorenceModel(model_config)
-        state = florence.model.state_dict()
-        if model.contrastive is not None and florence.model.contrastive is None:
-            # image-text heads asked of a checkpoint without them (an official one): they start fresh
-            state.update({f"contrastive.{k}": v for k, v in model.contrastive.state_dict().items()})
-        model.load_state_dict(state, strict=True)
-        del florence
-    else:
-        from fiore.config import preset
-
-        tokenizer = build_tokenizer(config, out_dir, world, stream)
-        overrides["text"].update(
-            vocab_size=tokenizer.vocab_size,
-            pad_token_id=tokenizer.pad_id,
-            bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
-            decoder_start_token_id=tokenizer.eos_id,
-        )
-        model_config = preset(m.preset).replace(**overrides)
-        torch.manual_seed(config.train.seed)
-        model = FlorenceModel(model_config)
-    if model_config.text.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model vocab_size {model_config.text.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}"
-        )
-    return model.to(world.device), model_config, tokenizer
-
-
-def starting_checkpoint(config: TrainConfig) -> str | None:
-    """[model] checkpoint as `fiore.load` takes it ("default" = the shipped model)."""
-    return None if config.model.checkpoint == "default" else config.model.checkpoint
-
-
-def export(model: nn.Module, model_config, tokenizer, path: Path) -> None:
-    """Write a loadable fiore checkpoint (fiore.load(path) works)."""
-    from fiore.checkpoint import save_checkpoint
-
-    save_checkpoint(model, model_config, path, tokenizer=tokenizer)
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    from fiore.checkpoint import load_checkpoint
-    from fiore.model import SHARED_KEY, TIED_KEYS
-
-    _, state = load_checkpoint(path)
-    state.update({k: state[SHARED_KEY] for k in TIED_KEYS})  # stored once; copy into the live (tied) parameters
-    model.load_state_dict(state, strict=True)
-
-
-# ---------------------------------------------------------------------------------------------------- logging
-
-
-class Logger:
-    """metrics.jsonl (rank 0) plus a rich progress bar on a terminal, or plain lines every log_every steps."""
-
-    def __init__(self, path: Path, total: int, start: int, enabled: bool, progress: bool):
-        self.enabled = enabled
-        self.file = open(path, "a") if enabled else None  # noqa: SIM115 - closed in close()
-        self.bar = None
-        if enabled and progress and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-
-    def step(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def write(self, record: dict, echo: bool = False) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if echo and self.bar is None:
-            print(json.dumps(record), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-        if self.file is not None:
-            self.file.close()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume drop records past the checkpoint step: those steps run again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
-class Evaluator:
-    """Held-out loss per task on fixed batches from the eval seed, plus the eval runner's metrics when asked."""
-
-    def __init__(self, config: TrainConfig, dataset: MixtureDataset, names: list[str], samples: list, inference_model):
-        self.config = config
-        self.inference_model = inference_model  # () -> the model to generate with (LoRA: adapters merged)
-        self._budgets: dict[str, int] = {}
-        self.samples = samples  # dataset reads these, in order (the last batch wraps around)
-        n = max(1, math.ceil(len(samples) / dataset.B))
-        self.batches = [dataset[k] for k in range(n)]
-        self.names = names
-
-    @torch.no_grad()
-    def loss(self, loss_module: MultiTaskLoss, device) -> dict:
-        """Held-out loss per task, and the same with every image swapped for the next one of its batch: the gap
-        (`image_reliance`, nats per token) is what the image is worth to the model; ~0 means it answers blind."""
-        was_training = loss_module.training
-        loss_module.eval()
-        real = self._sums(loss_module, device, shuffle=False)
-        swapped = self._sums(loss_module, device, shuffle=True)
-        loss_module.train(was_training)
-        names = [*self.names, "contrastive"]
-        weights = loss_module.weights
-        val, val_swapped = (float(combine(s, t, weights)) for s, t in (real, swapped))
-        per_task = {n: float(s / t) for n, s, t in zip(names, *real, strict=True) if t > 0}
-        reliance = {n: float(s / t) - per_task[n] for n, s, t in zip(names, *swapped, strict=True) if t > 0}
-        return {
-            "val_loss": val,
-            "val_task_loss": per_task,
-            "val_loss_swapped_images": val_swapped,
-            "image_reliance": val_swapped - val,
-            "task_image_reliance": {n: round(r, 4) for n, r in reliance.items()},
-        }
-
-    def _sums(self, loss_module: MultiTaskLoss, device, shuffle: bool):
-        total_sum = total_tok = 0
-        for b in self.batches:
-            b = b.to(device)
-            if shuffle:  # image i's rows (and text) now see image i-1: a derangement for batches of 2+ images
-                b = dataclasses.replace(b, pixel_values=b.pixel_values.roll(1, 0))
-            _, s, t = _call(loss_module, b)
-            total_sum, total_tok = total_sum + s, total_tok + t
-        return total_sum, total_tok
-
-    def report(self, loss_module: MultiTaskLoss, model_config, tokenizer):
-        """The eval runner's Report on the held-out samples; generation is capped at `max_target_tokens` (no target
-        the model saw was longer)."""
-        from fiore.eval.runner import evaluate
-        from fiore.florence import Florence
-
-        t = self.config.train
-        tasks = self.config.eval_task_names()
-        budgets = self.budgets(tasks, tokenizer)
-        was_training = loss_module.training
-        loss_module.eval()
-        try:
-            florence = Florence(self.inference_model(), model_config, tokenizer=tokenizer)
-            progress = t.progress and sys.stderr.isatty()
-            if not progress:
-                print(f"evaluating {len(self.samples)} held-out images on {', '.join(tasks)}", file=sys.stderr)
-            return evaluate(florence, self.samples, tasks, progress=progress, max_new_tokens=budgets)
-        finally:
-            loss_module.train(was_training)
-
-    def budgets(self, tasks: list[str], tokenizer) -> dict[str, int]:
-        missing = [name for name in tasks if name not in self._budgets]
-        if missing:
-            cap = self.config.train.max_target_tokens
-            self._budgets.update(generation_budgets(self.samples, missing, tokenizer, cap))
-        return {name: self._budgets[name] for name in tasks}
-
-
-def generation_budgets(samples, tasks: list[str], tokenizer, cap: int, slack: int = 8) -> dict[str, int]:
-    """Generation budget per task for evaluating on `samples`: the longest target in tokens plus `slack`, at most
-    `cap`. An untrained model rarely stops by itself; each task's full budget (up to 1024 tokens) on every held-out
-    image turned a 2-minute smoke run into a quarter of an hour."""
-    import fiore.tasks
-
-    out = {}
-    for name in tasks:
-        task = fiore.tasks.get(name)
-        lengths = [len(tokenizer.encode(task.target(e, s.size))) for s in samples for e in task.examples(s)]
-        out[name] = min(cap, max(lengths, default=0) + slack)
-    return out
-
-
-class ImageRelianceGuard:
-    """Warns when the held-out loss barely changes with the images swapped, past warmup: a model answering from
-    the text prior alone (the failure the first default model had, unseen in its loss curve)."""
-
-    def __init__(self, after_step: int, threshold: float = 0.02):
-        self.after_step = after_step
-        self.threshold = threshold  # nats per token
-        self.last: float | None = None
-        self.warnings = 0
-
-    def check(self, record: dict) -> None:
-        """Reads `image_reliance` from a held-out loss record; adds `blind_warning` to it when it fires."""
-        reliance = record.get("image_reliance")
-        if reliance is None:
-            return
-        self.last = reliance
-        if record["step"] > self.after_step and reliance < self.threshold:
-            self.warnings += 1
-            record["blind_warning"] = True
-            message = (
-                f"step {record['step']}: image reliance {reliance:.4f} nats/token (held-out loss with images "
-                f"swapped minus the real one) is below {self.threshold}: the model is not using the image"
-            )
-            warnings.warn(message, stacklevel=2)
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    def summary(self) -> str:
-        return "" if self.last is None else f" img {self.last:+.3f}"
 
 
 def phase_at(ends: list[int], step: int) -> int:
@@ -645,7 +126,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         else:
             warnings.warn("resuming with a different number of processes: RNG streams are reseeded", stacklevel=2)
     if world.is_main:
-        _truncate_metrics(out_dir / "metrics.jsonl", start)
+        truncate_metrics(out_dir / "metrics.jsonl", start)
 
     from fiore.processor import Processor
 
@@ -753,7 +234,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
                 batch = next(batches).to(world.device)
                 sync = micro == o.grad_accum - 1 or not world.distributed
                 with contextlib.nullcontext() if sync else step_module.no_sync():
-                    loss, s, n = _call(step_module, batch)
+                    loss, s, n = forward_batch(step_module, batch)
                     (loss / o.grad_accum).backward()
                 loss_sum += s.cpu()
                 tokens += n.cpu()
@@ -796,7 +277,9 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
 
             if evaluator is not None and done != o.steps:
                 if (t.eval_every > 0 and done % t.eval_every == 0) or done in epoch_ends:
-                    record = _evaluate(evaluator, loss_module, model_config, tokenizer, logger, done, guard, False)
+                    record = evaluate_and_log(
+                        evaluator, loss_module, model_config, tokenizer, logger, done, guard, False
+                    )
                     best.update(record, save)
                 elif t.val_every > 0 and done % t.val_every == 0:
                     with torch.random.fork_rng(devices=[]):
@@ -822,7 +305,7 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
         ddp.barrier(world)  # the other ranks are done; rank 0 evaluates alone
         if evaluator is not None:
             if t.eval_every >= 0:
-                record = _evaluate(evaluator, loss_module, model_config, tokenizer, logger, o.steps, guard, True)
+                record = evaluate_and_log(evaluator, loss_module, model_config, tokenizer, logger, o.steps, guard, True)
             else:
                 with torch.random.fork_rng(devices=[]):
                     record = {"step": o.steps, **evaluator.loss(loss_module, world.device)}
@@ -833,18 +316,6 @@ def _train(config: TrainConfig, resume: bool, callback) -> Path:
     finally:
         logger.close()
         ddp.cleanup(world)
-
-
-def _evaluate(evaluator, loss_module, model_config, tokenizer, logger, step, guard, full: bool) -> dict:
-    with torch.random.fork_rng(devices=[]):  # evaluation must not move the training RNG streams
-        record = {"step": step, **evaluator.loss(loss_module, next(loss_module.parameters()).device)}
-        report = evaluator.report(loss_module, model_config, tokenizer)
-    guard.check(record)
-    record["eval"] = {k: (None if v != v else round(v, 4)) for k, v in report.headline().items()}  # NaN -> null
-    logger.write(record, echo=True)
-    if full:
-        report.save(Path(evaluator.config.train.out_dir) / "eval" / "report.json")
-    return record
 
 
 def _checkpoint(ckpt_root, step, save, optimizer, world, keep) -> None:
@@ -874,56 +345,10 @@ def _preflight(config: TrainConfig) -> None:
     """What the config asks for that is missing, found before any process group, data or model work."""
     if config.lora.r:
         lora.require_peft()
-    _check_best_metric(config)
+    check_best_metric(config)
     if config.train.eval_every >= 0:  # the metrics' own dependencies, not at the first evaluation
         from fiore.eval.scorers import required_modules
         from fiore.extras import require
 
         tasks = [registry.get(name) for name in config.eval_task_names()]
         require(required_modules(tasks), "evaluation during training ([train] eval_tasks)")
-
-
-def _check_best_metric(config: TrainConfig) -> None:
-    """[train] best_metric must be something the evaluations measure: found out now, not after the first epoch."""
-    metric, t = config.train.best_metric, config.train
-    if not metric or metric.startswith("val_loss"):
-        return
-    tasks = [registry.get(name) for name in config.eval_task_names()]
-    known = [f"{task.name}/{key}" for task in tasks if task.scorer is not None for key in task.scorer.headline]
-    if metric not in known:
-        raise ValueError(f"[train] best_metric {metric!r} is not measured; choose val_loss or one of {known}")
-    if t.eval_every < 0:
-        raise ValueError(f"[train] best_metric {metric!r} needs evaluations: eval_every must be >= 0")
-
-
-class Best:
-    """OUT/best: the model at the evaluation with the best `metric` so far ("val_loss" or an eval headline like
-    "od/map50"; names with "loss" are minimised, the rest maximised). OUT/best.json says which step and value."""
-
-    def __init__(self, out_dir: Path, metric: str, start: int):
-        self.dir, self.metric = out_dir / "best", metric
-        self.minimise = "loss" in metric
-        self.value = None
-        info = out_dir / "best.json"
-        if metric and start > 0 and info.is_file():  # resuming: the best so far, if it came before the checkpoint
-            record = json.loads(info.read_text())
-            if record["step"] <= start and record["metric"] == metric:
-                self.value = record["value"]
-
-    def update(self, record: dict, save) -> None:
-        if not self.metric:
-            return
-        value = record.get(self.metric, record.get("eval", {}).get(self.metric))
-        if value is None:
-            known = [k for k in record if k.startswith("val_loss")] + list(record.get("eval", {}))
-            raise ValueError(f"[train] best_metric {self.metric!r} is not measured; measured: {known}")
-        if self.value is not None and (value >= self.value if self.minimise else value <= self.value):
-            return
-        self.value = value
-        tmp = self.dir.with_name(".best.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        tmp.replace(self.dir)
-        info = {"step": record["step"], "metric": self.metric, "value": value}
-        (self.dir.parent / "best.json").write_text(json.dumps(info) + "\n")
