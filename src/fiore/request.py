@@ -54,7 +54,7 @@ def get_task(task: str | Task) -> Task:
     try:
         return registry.get(task)
     except (KeyError, ValueError, TypeError):
-        raise TaskInputError(f"unknown task {task!r}; known tasks: all, {', '.join(registry.names())}") from None
+        raise TaskInputError(f"unknown task {task!r}; known tasks: {', '.join(registry.names())}") from None
 
 
 def parse_region(value) -> tuple[float, float, float, float] | None:
@@ -83,7 +83,13 @@ def requests_for(
     region = parse_region(region)
     chosen: dict[str, Task] = {}
     for name in task_names:
-        found = [t for t in registry.all() if t.inputs == "none"] if name == "all" else [get_task(name)]
+        if name == "all":
+            found = [t for t in registry.all() if t.inputs == "none"]
+        else:
+            try:
+                found = [get_task(name)]
+            except TaskInputError as e:
+                raise TaskInputError(f"{e} (or all: every task that takes no input)") from None
         chosen.update((t.name, t) for t in found if t.name not in chosen)
     return [
         Request.make(
