@@ -152,8 +152,9 @@ class Batcher:
         failing request does not take the others down."""
         try:
             return self._answer(batch)
-        except Exception:
-            pass
+        except Exception as e:
+            if len(batch) == 1:  # alone already: no second try
+                return [HTTPError(500, f"generation failed: {type(e).__name__}: {e}")]
         outcomes: list = []
         for job in batch:
             try:

@@ -194,28 +194,33 @@ def _evaluate_chunk(predictor, chunk: list, task_list: list, runs: dict[str, _Ta
             asked[k].append(((k, name, key), request))
     wanted = [k for k in images if asked[k]]
 
-    def run(ks: list[int], pick=None) -> None:
-        predictor.set_images([images[k] for k in ks])
-        lists = [[r for _, r in asked[k]] if pick is None else [pick[1]] for k in ks]
-        for k, results in zip(ks, predictor.predict(lists), strict=True):
-            for (pkey, _), result in zip(asked[k] if pick is None else [pick], results, strict=True):
+    def run(batch: list[tuple[int, list]]) -> None:  # [(image k, [(prediction key, request), ...]), ...]
+        predictor.set_images([images[k] for k, _ in batch])
+        answers = predictor.predict([[r for _, r in items] for _, items in batch])
+        for (_, items), results in zip(batch, answers, strict=True):
+            for (pkey, _), result in zip(items, results, strict=True):
                 predictions[pkey] = result
 
-    if wanted:
+    def isolate(batch: list[tuple[int, list]]) -> None:
+        """`run(batch)`; if it fails, each image alone, then each request alone; what still fails is recorded."""
         try:
-            run(wanted)
-        except Exception:  # isolate: image by image, then request by request
-            for k in wanted:
-                try:
-                    run([k])
-                    continue
-                except Exception:
-                    pass
-                for item in asked[k]:
-                    try:
-                        run([k], item)
-                    except Exception as e:
-                        failed[item[0]] = _message(f"model failed on input {item[0][2]!r}", chunk[k], e)
+            run(batch)
+            return
+        except Exception as e:
+            error = e
+        k, items = batch[0]
+        if len(batch) > 1:
+            parts = [[part] for part in batch]
+        elif len(items) > 1:
+            parts = [[(k, [item])] for item in items]
+        else:
+            failed[items[0][0]] = _message(f"model failed on input {items[0][0][2]!r}", chunk[k], error)
+            return
+        for part in parts:
+            isolate(part)
+
+    if wanted:
+        isolate([(k, asked[k]) for k in wanted])
 
     records = _score(chunk, work, predictions, failed, runs)
     for k, sample in enumerate(chunk):

@@ -19,8 +19,9 @@ def detections(result: Result | None, label_override: str | None = None) -> M.De
     if result is None:
         return M.Detections([], [])
     fallback = 1.0 if result.score is None else float(result.score)
+    instances = result.instances()
     boxes, labels, scores, rings = [], [], [], []
-    for inst in result.instances():
+    for inst in instances:
         if inst.kind == "box":
             box, shape = tuple(inst.coords), []
         else:
@@ -32,7 +33,7 @@ def detections(result: Result | None, label_override: str | None = None) -> M.De
         labels.append(label_override or inst.label)
         scores.append(fallback if inst.score is None else inst.score)
         rings.append(shape)
-    has_shapes = any(inst.kind != "box" for inst in result.instances())
+    has_shapes = any(inst.kind != "box" for inst in instances)
     return M.Detections(boxes, labels, scores, rings if has_shapes else None)
 
 
