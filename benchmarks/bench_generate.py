@@ -13,8 +13,13 @@ exactly 100 new tokens (min_new_tokens = max_new_tokens = 100, transformers' nat
     (d) greedy, batch of 4 images             generate on a batch               | Florence.predict([4 images])
     (e) six tasks on one image                six generate calls                | one Florence.run
 
+int8: fiore with `quantize="int8"` (every linear in int8) runs cases (b) and (d) too, timed in the same rounds; its
+tokens are compared with transformers' fp32 ones (agreement printed: int8 rounding may change a near-tie). Ratios
+`qb=` and `qd=` are fiore int8 / transformers fp32.
+
 Peak RSS: each side in a fresh child process (its model only), peak reset after loading (`clear_refs`), then one
-run of every generation case. Last line: `ratios: a=.. b=.. c=.. d=.. e=.. rss=..` (fiore / transformers).
+run of every generation case. Last line: `ratios: a=.. b=.. c=.. d=.. e=.. qb=.. qd=.. rss=..` (fiore /
+transformers).
 Needs a Florence-2 tokenizer (official files; `--tokenizer`) for the prompts and fiore's text outputs.
 """
 
@@ -38,6 +43,7 @@ NATIVE_VOCAB, IMAGE_TOKEN_ID = 51328, 51289
 SIX_TASKS = ["caption", "detailed_caption", "ocr", "od", "dense_region_caption", "region_proposal"]
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
 CASES = "abcde"
+INT8_CASES = "bd"
 
 
 # -- setup ------------------------------------------------------------------------------------------------------
@@ -61,10 +67,10 @@ def build_checkpoint(preset: str, tokenizer_dir: Path, out: Path) -> None:
 
 
 def load_side(side: str, path: Path):
-    if side == "fiore":
+    if side in ("fiore", "int8"):
         import fiore
 
-        return fiore.load(path)
+        return fiore.load(path, quantize="int8" if side == "int8" else None)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -158,6 +164,14 @@ def recorded_ids(call) -> list[list[int]]:
     return seen
 
 
+def agreement(got: list[list[int]], want: list[list[int]]) -> str:
+    if got == want:
+        return "tokens identical"
+    same = sum(g == w for a, b in zip(got, want, strict=False) for g, w in zip(a, b, strict=False))
+    total = sum(len(w) for w in want)
+    return f"{same / total:.0%} of tokens equal{first_difference(got, want)}"
+
+
 def first_difference(got: list[list[int]], want: list[list[int]]) -> str:
     if len(got) != len(want):
         return f" ({len(got)} rows vs {len(want)})"
@@ -194,7 +208,7 @@ def child(side: str, path: Path, threads: int, cases: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure inference, not loading
     base = peak_rss_mib()
     for case in cases:
-        fn = fiore_case(model, inp, case) if side == "fiore" else hf_case(model, inp, case)
+        fn = hf_case(model, inp, case) if side == "hf" else fiore_case(model, inp, case)
         timed(fn)
     print(json.dumps({"side": side, "resident_after_load_mib": base, "peak_mib": peak_rss_mib()}))
 
@@ -218,7 +232,7 @@ def main() -> None:
     ap.add_argument("--cases", default=CASES)
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--child", choices=["fiore", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fiore", "hf", "int8"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -233,8 +247,9 @@ def main() -> None:
         path = Path(tmp)
         t0 = time.perf_counter()
         build_checkpoint(args.preset, args.tokenizer, path)
-        hf, florence = load_side("hf", path), load_side("fiore", path)
-        print(f"# {args.preset}: built and loaded both in {time.perf_counter() - t0:.0f} s; {florence}")
+        hf, florence, int8 = load_side("hf", path), load_side("fiore", path), load_side("int8", path)
+        print(f"# {args.preset}: built and loaded all three in {time.perf_counter() - t0:.0f} s; {florence}")
+        int8_cases = "".join(c for c in args.cases if c in INT8_CASES)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 768x768, {NEW_TOKENS} new tokens")
         inp = Inputs(processor_for(path), tasks)
 
@@ -255,22 +270,27 @@ def main() -> None:
             if not same:
                 agree[case] += first_difference(got, want)
             print(f"# ({case}) {agree[case]}", flush=True)
+            if case in int8_cases:
+                with torch.inference_mode():
+                    agree["q" + case] = agreement(recorded_ids(fiore_case(int8, inp, case)), want)
+                print(f"# (q{case}) int8 vs transformers fp32: {agree['q' + case]}", flush=True)
 
-        times: dict[str, dict[str, list[float]]] = {c: {"hf": [], "fiore": []} for c in args.cases}
+        times: dict[str, dict[str, list[float]]] = {c: {"hf": [], "fiore": [], "int8": []} for c in args.cases}
         for rep in range(args.repeats):
             for case in args.cases:
-                hf_fn, fi_fn = hf_case(hf, inp, case), fiore_case(florence, inp, case)
-                order = [("hf", hf_fn), ("fiore", fi_fn)] if rep % 2 == 0 else [("fiore", fi_fn), ("hf", hf_fn)]
-                for side, fn in order:
+                order = [("hf", hf_case(hf, inp, case)), ("fiore", fiore_case(florence, inp, case))]
+                if case in int8_cases:
+                    order.append(("int8", fiore_case(int8, inp, case)))
+                for side, fn in order if rep % 2 == 0 else order[::-1]:
                     times[case][side].append(timed(fn))
-                print(f"# rep {rep} ({case}) hf {times[case]['hf'][-1]:.2f} s, fiore {times[case]['fiore'][-1]:.2f} s",
-                      flush=True)  # fmt: skip
-        del hf, florence
+                line = ", ".join(f"{side} {times[case][side][-1]:.2f} s" for side, _ in order)
+                print(f"# rep {rep} ({case}) {line}", flush=True)
+        del hf, florence, int8
 
         rss = None
         if not args.no_rss:
             gen_cases = "".join(c for c in args.cases if c != "a") or "a"
-            rss = {side: child_rss(side, path, args.threads, gen_cases) for side in ("hf", "fiore")}
+            rss = {side: child_rss(side, path, args.threads, gen_cases) for side in ("hf", "fiore", "int8")}
 
     names = {"a": "vision encoding", "b": "greedy, b=1", "c": "beam 3, b=1", "d": "greedy, batch 4",
              "e": "six tasks, one image"}  # fmt: skip
@@ -282,11 +302,19 @@ def main() -> None:
         h, f = statistics.median(times[case]["hf"]), statistics.median(times[case]["fiore"])
         ratios[case] = f / h
         print(f"| ({case}) {names[case]} | {h:.2f} | {f:.2f} | {f / h:.2f} | {agree[case]} |")
+    for case in int8_cases:
+        h, q = statistics.median(times[case]["hf"]), statistics.median(times[case]["int8"])
+        ratios["q" + case] = q / h
+        print(f"| (q{case}) {names[case]}, fiore int8 | {h:.2f} | {q:.2f} | {q / h:.2f} | {agree['q' + case]} |")
     if rss:
         h, f = rss["hf"]["peak_mib"], rss["fiore"]["peak_mib"]
         ratios["rss"] = f / h
         loaded = f"{rss['hf']['resident_after_load_mib']:.0f} / {rss['fiore']['resident_after_load_mib']:.0f}"
         print(f"| peak RSS (MiB), cases {gen_cases} | {h:.0f} | {f:.0f} | {f / h:.2f} | after load: {loaded} |")
+        q = rss["int8"]["peak_mib"]
+        ratios["rss_q"] = q / h
+        loaded = f"{rss['int8']['resident_after_load_mib']:.0f}"
+        print(f"| peak RSS (MiB), fiore int8 | {h:.0f} | {q:.0f} | {q / h:.2f} | after load: {loaded} |")
     print()
     print("ratios: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
 

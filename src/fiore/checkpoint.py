@@ -374,7 +374,14 @@ def native_config(config: ModelConfig, dtype: torch.dtype = torch.float32) -> di
 
 
 def save_checkpoint(model: FlorenceModel, config: ModelConfig, path: str | Path, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ the tokenizer's files via `tokenizer.save(path)`) to `path`."""
+    """Write config.json + model.safetensors (+ the tokenizer's files via `tokenizer.save(path)`) to `path`.
+    A quantized model is refused before anything is written: its int8 linears are no Florence-2 weights."""
+    if model.quantized is not None:
+        raise CheckpointError(
+            f"this model was loaded with quantize={model.quantized!r}: its linears hold {model.quantized} weights, "
+            f"which a Florence-2 checkpoint cannot store; nothing was written to {path}. Save the float model "
+            "(load it without quantize) and quantize again when loading it."
+        )
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     # Tied aliases are stored once (as transformers does): safetensors refuses tensors that share memory.

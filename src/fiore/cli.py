@@ -72,12 +72,20 @@ def _require(modules, what: str) -> None:
         raise typer.Exit(1) from None
 
 
-def _load_florence(model: str | None, device: str):
-    """The model at `model` (a checkpoint directory), or the shipped default model."""
+QUANTIZE_HELP = "int8: every linear in int8 on the CPU (faster; docs/performance.md has speed and quality)"
+
+
+def _load_florence(model: str | None, device: str, quantize: str | None = None):
+    """The model at `model` (a checkpoint directory), or the shipped default model; `quantize` as fiore.load's."""
     import fiore
+    from fiore.model.inference import check_quantize
 
     try:
-        return fiore.load(model, device=device)
+        check_quantize(quantize, device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--quantize") from None
+    try:
+        return fiore.load(model, device=device, quantize=quantize)
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
 
@@ -92,6 +100,7 @@ def predict(
     out: Path | None = typer.Option(None, "--out", "-o", help="write annotated images and JSON here"),
     format: str = typer.Option("json", "--format", help="json (one file per image) or coco (one file)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images"),
 ) -> None:
@@ -126,7 +135,7 @@ def predict(
         except TaskInputError as e:
             raise typer.BadParameter(f"{path}: {e}", param_hint="--region") from None
         loaded.append((path, image))
-    florence = _load_florence(model, device)
+    florence = _load_florence(model, device, quantize)
     predictor = florence.predictor()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +182,7 @@ def label(
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1),
     threshold: float = typer.Option(0.0, "--threshold", help="drop detections scoring below this"),
     device: str = typer.Option("cpu", "--device"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per image"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="skip larger images"),
 ) -> None:
@@ -195,7 +205,7 @@ def label(
         raise typer.BadParameter(f"task {t.name} needs --text", param_hint="--text")
     if not list_images(folder):
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
-    florence = _load_florence(model, device)
+    florence = _load_florence(model, device, quantize)
     columns = (TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("label", total=None)
@@ -230,6 +240,7 @@ def search(
     top: int = typer.Option(10, "--top", "-k", min=1, help="how many images to list"),
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     device: str = typer.Option("cpu", "--device"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Text-to-image search over a folder with the image-text heads: the closest images first."""
     from rich.console import Console
@@ -243,7 +254,7 @@ def search(
     names = list_images(folder)
     if not names:
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
-    florence = _load_florence(model, device)
+    florence = _load_florence(model, device, quantize)
     try:
         ranked = florence.search(query, [folder / n for n in names], top_k=top)
     except ValueError as e:
@@ -261,6 +272,7 @@ def zero_shot(
     template: str | None = typer.Option(None, "--template", help="label prompt with {} (default: the model's own)"),
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     device: str = typer.Option("cpu", "--device"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Zero-shot classification from label prompts with the image-text heads."""
     import re
@@ -272,7 +284,7 @@ def zero_shot(
     candidates = [x.strip() for x in re.split(r"[;,]", labels) if x.strip()]
     if not candidates:
         raise typer.BadParameter("no labels given", param_hint="--labels")
-    florence = _load_florence(model, device)
+    florence = _load_florence(model, device, quantize)
     table = Table("image", "label", "probability", "runner-up")
     for path in images:
         try:
@@ -296,6 +308,7 @@ def serve(
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images (413)"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="FIORE_API_KEY", help="require X-API-Key"),
     device: str = typer.Option("cpu", "--device"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
 ) -> None:
     """HTTP server: POST /v1/predict, GET /v1/tasks, a web page at /, OpenAPI at /docs."""
@@ -312,7 +325,7 @@ def serve(
         api_key=api_key,
         max_new_tokens=max_new_tokens,
     )
-    run(_load_florence(model, device), host=host, port=port, config=config)
+    run(_load_florence(model, device, quantize), host=host, port=port, config=config)
 
 
 @app.command("eval")
@@ -335,6 +348,7 @@ def eval_(
         False, "--zero-shot", help="also classify each image's label zero-shot with the image-text heads"
     ),
     device: str = typer.Option("cpu", "--device"),
+    quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
     from rich.console import Console
@@ -359,7 +373,7 @@ def eval_(
             samples = swap_images(samples)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--swap-images") from None
-    florence = _load_florence(model, device)
+    florence = _load_florence(model, device, quantize)
     if zero_shot and florence.model.contrastive is None:
         raise typer.BadParameter(f"{model or 'the default model'} has no image-text heads", param_hint="--zero-shot")
     meta = {"model": model or "default", "data": str(data), "score_mode": score_mode or "default", "swap_images": swap}

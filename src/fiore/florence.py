@@ -54,6 +54,7 @@ class Florence:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         strategies: str | Iterable[str] | None = None,
+        quantize: str | None = None,
     ) -> Florence:
         """Load a checkpoint directory (either Florence-2 format) or a Hugging Face repository id such as
         "microsoft/Florence-2-base" (from huggingface_hub's cache, downloaded when allowed: `fiore.hub`); no path =
@@ -61,13 +62,16 @@ class Florence:
 
         The model is prepared for inference (`fiore.model.inference.prepare_for_inference`): `strategies` "auto"
         (default, or $FIORE_STRATEGIES) keeps the speed strategies that measure faster on this machine, "none" the
-        plain modules (to train the loaded model), "all" or a list of names forces them."""
-        from fiore.model.inference import prepare_for_inference
+        plain modules (to train the loaded model), "all" or a list of names forces them. `quantize="int8"` (CPU,
+        float32) runs every linear in int8 (docs/performance.md has its speed and quality); such a model cannot be
+        saved."""
+        from fiore.model.inference import check_quantize, prepare_for_inference
 
+        check_quantize(quantize, device, dtype)
         path = checkpoint_dir(path)
 
         model, config = load_model(path, device=device, dtype=dtype)
-        return cls(prepare_for_inference(model, strategies), config, source=path)
+        return cls(prepare_for_inference(model, strategies, quantize=quantize), config, source=path)
 
     @property
     def device(self) -> torch.device:
@@ -167,6 +171,8 @@ class Florence:
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
+        if self.model.quantized:
+            return f"Florence({self.model.quantized} linears, {self.device}, source={self.source})"
         return f"Florence({n / 1e6:.1f}M params, {self.dtype}, {self.device}, source={self.source})"
 
 
@@ -175,7 +181,8 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     strategies: str | Iterable[str] | None = None,
+    quantize: str | None = None,
 ) -> Florence:
     """Load a Florence-2 checkpoint, prepared for inference; with no path, the model shipped in `fiore/default_model/`.
     See `Florence.load`."""
-    return Florence.load(path, device=device, dtype=dtype, strategies=strategies)
+    return Florence.load(path, device=device, dtype=dtype, strategies=strategies, quantize=quantize)

@@ -37,6 +37,8 @@ class Parts(nn.Module):
 class FlorenceModel(nn.Module):
     """The whole model. `input_ids` are prompt tokens only; image tokens are placed in front of them here."""
 
+    quantized: str | None = None  # set by `fiore.model.inference.prepare_for_inference` ("int8": linears are int8)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.vision.projection_dim != config.text.d_model:
@@ -107,11 +109,11 @@ class FlorenceModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.language_model.shared.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.language_model.shared.weight.device
 
     # -- the contract used by generation, training and evaluation ----------------------------------------------------
 

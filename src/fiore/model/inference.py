@@ -16,6 +16,13 @@ Strategies (CPU, float32; none applies on other devices or dtypes):
 - `fused_decoder`: each decoder layer's self-attention q/k/v become one matmul over one weight (the three parameters
   become views of it: no copy is kept) and the layer runs its step in fewer tensor operations.
 
+Quantization (`quantize="int8"`, CPU): every `nn.Linear` becomes PyTorch's dynamically quantized linear (int8
+weights per tensor, activations quantized per call; fbgemm/oneDNN int8 kernels). It replaces the linear strategies
+above (the quantized modules are the linears now); `sliced_vision` still applies. PyTorch marks `torch.ao`'s eager
+quantization deprecated in favour of torchao, whose eager int8 path is slower than fp32 on these CPUs without
+`torch.compile` (docs/performance.md), so fiore uses PyTorch's own until torchao's is faster. A quantized model has
+no float weights to save: `fiore.checkpoint.save_checkpoint` refuses it.
+
 With `strategies="auto"` each is timed against the plain module on this machine, with the model's own weights and
 shapes (`calibrate`, well under a second for the base model), and kept only where it is faster; the verdicts are
 cached per machine and model shape (`cache_path()`). The measurements behind the choices: docs/performance.md.
@@ -29,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -42,6 +50,8 @@ from fiore.model.kernels import heads_view
 from fiore.model.text import DecoderLayer
 
 STRATEGIES = ("sliced_vision", "onednn_one_row", "onednn_rows", "onednn_narrow", "fused_decoder")
+LINEAR_STRATEGIES = {"onednn_one_row", "onednn_rows", "onednn_narrow", "fused_decoder"}
+QUANTIZATIONS = ("int8",)
 FEW_ROWS = 32  # at most this many rows is the memory-bound few-row regime (decoder steps: batch x beams)
 NARROW = 64  # a linear with at most this many features on one side is "narrow"
 SLICE_BYTES = 4 << 20  # sliced vision: activation bytes per slice
@@ -375,14 +385,44 @@ def resolve(strategies: str | Iterable[str] | None, model) -> set[str]:
     return chosen
 
 
-def prepare_for_inference(model, strategies: str | Iterable[str] | None = None):
-    """Eval mode, parameters frozen, and the chosen strategies swapped in (see the module docstring). Returns `model`,
-    whose `inference_strategies` lists what was applied. Prepare a model once its weights are loaded."""
+def check_quantize(quantize: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Refuse a quantization fiore does not offer, or one asked for off the CPU or from non-float32 weights, before
+    any weights are read."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; known: {', '.join(QUANTIZATIONS)}")
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise ValueError(
+            f"quantize={quantize!r} runs on the CPU from float32 weights (asked: {torch.device(device)}, {dtype}); "
+            "on a GPU use dtype=torch.bfloat16 instead"
+        )
+
+
+def quantize_int8(model) -> None:
+    """Every `nn.Linear` -> PyTorch's dynamically quantized int8 linear, in place (see the module docstring)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notice, said once in the docs instead of every load
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, quantize: str | None = None):
+    """Eval mode, parameters frozen, `quantize` ("int8" or None) applied and the chosen strategies swapped in (see the
+    module docstring). Returns `model`, whose `inference_strategies` lists the strategies applied and `quantized` the
+    quantization (or None). Prepare a model once its weights are loaded."""
+    check_quantize(quantize, model.device, model.dtype)
     model.eval().requires_grad_(False)
     applicable = model.device.type == "cpu" and model.dtype == torch.float32
     chosen = resolve(strategies, model) if applicable else set()
     if not kernels.ONEDNN:
         chosen -= {"onednn_one_row", "onednn_rows", "onednn_narrow"}
+    model.quantized = quantize
+    if quantize == "int8":
+        chosen -= LINEAR_STRATEGIES
+        quantize_int8(model)
     if "sliced_vision" in chosen:
         for stage in model.vision_tower.blocks:
             for block in stage:
