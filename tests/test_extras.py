@@ -57,3 +57,11 @@ def test_train_with_lora_or_coco_metrics_stops_before_any_work(without, tmp_path
     result = CliRunner().invoke(app, ["train", smoke, "--set", f"train.out_dir={out}", "--set", "train.eval_every=0"])
     assert result.exit_code == 1 and "pip install 'fiore[eval]'" in result.output
     assert not out.exists()
+
+
+def test_export_without_onnxruntime_names_the_extra(without, tmp_path):
+    without("onnxruntime")
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", "onnx", "shipped", str(out)])
+    assert result.exit_code == 1 and "onnxruntime: pip install 'fiore[export]'" in result.output
+    assert not out.exists()

@@ -494,5 +494,47 @@ def convert(
     typer.echo(f"wrote {to} checkpoint {dst}")
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Export a checkpoint for other runtimes.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    checkpoint: str = typer.Argument(..., help="checkpoint directory or hub id; 'shipped' = the model inside fiore"),
+    out: Path = typer.Argument(..., help="output folder (onnx/*.onnx beside config, tokenizer, preprocessor)"),
+    check: bool = typer.Option(True, "--check/--no-check", help="compare the export with fiore in onnxruntime"),
+) -> None:
+    """Export to ONNX in the published Florence-2 layout (transformers.js, onnxruntime), then check it against
+    fiore on one image: largest differences of vision features and logits, greedy tokens, seconds of each."""
+    import time
+
+    _require(["onnx", "onnxscript", "onnxruntime"], "fiore export onnx")
+    from fiore.export import check_export
+    from fiore.export import export_onnx as run
+
+    source = None if checkpoint == "shipped" else checkpoint
+    started = time.perf_counter()
+    try:
+        run(source, out)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {out}/onnx (4 graphs) in {time.perf_counter() - started:.0f} s")
+    if not check:
+        return
+    from fiore.data.synthetic import make_sample
+
+    report = check_export(out, source, make_sample(12345, 0).read_image())
+    typer.echo(
+        f"check: vision max |diff| {report['vision_max_abs_diff']:.1e}, logits max |diff| "
+        f"{report['logits_max_abs_diff']:.1e}, greedy tokens {'equal' if report['tokens_equal'] else 'DIFFER'} "
+        f"({len(report['fiore_tokens'])} tokens); onnxruntime {report['ort_seconds']:.2f} s, "
+        f"fiore {report['fiore_seconds']:.2f} s"
+    )
+    if not report["tokens_equal"] or report["logits_max_abs_diff"] > 1e-3:
+        typer.echo("error: the export does not answer as fiore does", err=True)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

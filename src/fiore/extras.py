@@ -1,7 +1,8 @@
 """Optional dependencies, checked before a command does any work: a missing one is named with its pip line.
 
 The extras (pyproject.toml): eval (pycocotools, pycocoevalcap: COCO mAP, masks, CIDEr/BLEU), serve (fastapi,
-uvicorn, python-multipart), finetune (peft: LoRA). `pip install 'fiore[eval,serve,finetune]'` installs them all.
+uvicorn, python-multipart), finetune (peft: LoRA), export (onnx, onnxscript, onnxruntime: `fiore export onnx`).
+`pip install 'fiore[eval,serve,finetune,export]'` installs them all.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ EXTRA_OF = {
     "uvicorn": "serve",
     "multipart": "serve",
     "peft": "finetune",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
 }
 
 

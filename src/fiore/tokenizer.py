@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 BASE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -57,6 +57,11 @@ class Tokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self._add_florence_tokens()
+        if self._tok.post_processor is None:
+            # What the official tokenizer.json has: other readers of a saved tokenizer (transformers, transformers.js
+            # in an ONNX export) then frame prompts in <s> ... </s> as fiore's `frame` does.
+            sep, cls = ("</s>", self.token_to_id("</s>")), ("<s>", self.token_to_id("<s>"))
+            self._tok.post_processor = processors.RobertaProcessing(sep, cls, trim_offsets=True, add_prefix_space=False)
         self._specials = set(BASE_SPECIALS + [MASK] + FLORENCE_TOKENS + [IMAGE])
 
     # ---- construction -------------------------------------------------------------------------------------------

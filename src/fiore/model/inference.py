@@ -17,11 +17,11 @@ Strategies (CPU, float32; none applies on other devices or dtypes):
   become views of it: no copy is kept) and the layer runs its step in fewer tensor operations.
 
 Quantization (`quantize="int8"`, CPU): every `nn.Linear` becomes PyTorch's dynamically quantized linear (int8
-weights per tensor, activations quantized per call; fbgemm/oneDNN int8 kernels). It replaces the linear strategies
-above (the quantized modules are the linears now); `sliced_vision` still applies. PyTorch marks `torch.ao`'s eager
-quantization deprecated in favour of torchao, whose eager int8 path is slower than fp32 on these CPUs without
-`torch.compile` (docs/performance.md), so fiore uses PyTorch's own until torchao's is faster. A quantized model has
-no float weights to save: `fiore.checkpoint.save_checkpoint` refuses it.
+weights with one scale per output row, activations quantized per call; fbgemm/oneDNN int8 kernels). It replaces
+the linear strategies above (the quantized modules are the linears now); `sliced_vision` still applies. PyTorch
+marks `torch.ao`'s eager quantization deprecated in favour of torchao, whose eager int8 path is slower than fp32 on
+these CPUs without `torch.compile` (docs/performance.md), so fiore uses PyTorch's own until torchao's is faster.
+A quantized model has no float weights to save: `fiore.checkpoint.save_checkpoint` refuses it.
 
 With `strategies="auto"` each is timed against the plain module on this machine, with the model's own weights and
 shapes (`calibrate`, well under a second for the base model), and kept only where it is faster; the verdicts are
@@ -401,12 +401,14 @@ def check_quantize(quantize: str | None, device: str | torch.device = "cpu", dty
 
 def quantize_int8(model) -> None:
     """Every `nn.Linear` -> PyTorch's dynamically quantized int8 linear, in place (see the module docstring)."""
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():  # torch.ao's deprecation notice, said once in the docs instead of every load
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
+        # One scale per output row: the tied LM head's rows (token embeddings) differ widely in norm, and one scale
+        # for the whole matrix cost the shipped model 9 CIDEr points (docs/performance.md); per row costs no time.
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, quantize: str | None = None):

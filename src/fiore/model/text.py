@@ -238,8 +238,18 @@ class Decoder(_Stack):
         cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """input_ids (B, t), encoder_hidden (B, N, d), encoder_mask (B, N) bool or None (all) -> (B, t, d)."""
+        return self.from_embeddings(self.embed(input_ids), encoder_hidden, encoder_mask, cache)
+
+    def from_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        encoder_hidden: torch.Tensor | None,
+        encoder_mask: torch.Tensor | None,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
+        """`forward` from token embeddings (B, t, d) (what `embed` returns): the ONNX export feeds embeddings."""
         start = 0 if cache is None else cache.length
-        x = self._start(self.embed(input_ids), start)
+        x = self._start(embeddings, start)
         mask4 = None if encoder_mask is None else encoder_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             if cache is None and self._checkpointing():
@@ -247,7 +257,7 @@ class Decoder(_Stack):
             else:
                 x = layer(x, encoder_hidden, mask4, cache, i)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.length += embeddings.shape[1]
         return x
 
 
