@@ -32,7 +32,7 @@ import torch
 
 from fiore.generate import GenerationConfig, generate
 from fiore.request import Request, get_task
-from fiore.results import Label, Result
+from fiore.results import Label, Mixed, Result
 from fiore.tasks import Task, TaskInputError
 from fiore.tasks.parsers import SCORE_MODES
 
@@ -185,15 +185,18 @@ class Predictor:
             raise RuntimeError("no images are set: call set_images(images) first")
         if len(requests) != len(self.sizes):
             raise ValueError(f"{len(requests)} request lists for {len(self.sizes)} set images; give one per image")
+        # a request naming several classes is one row per class; all rows of the call are decoded together
+        parts = [[r.parts() for r in image_requests] for image_requests in requests]
         rows = [
-            _Row(i, r.task, r.prompt(self.sizes[i]), _budget(self.florence, r))
-            for i, image_requests in enumerate(requests)
-            for r in image_requests
+            _Row(i, part.task, part.prompt(self.sizes[i]), _budget(self.florence, part))
+            for i, image_parts in enumerate(parts)
+            for request_parts in image_parts
+            for part in request_parts
         ]
         results = iter(
             _decode_rows(self.florence, self._features, self.sizes, rows, self.config, self.score_mode, self.max_rows)
         )
-        return [[next(results) for _ in image_requests] for image_requests in requests]
+        return [[_merged(request_parts, results) for request_parts in image_parts] for image_parts in parts]
 
     def classify(
         self, labels: Sequence[str], region: Sequence[float] | None = None, task: str | Task | None = None, image=0
@@ -204,6 +207,13 @@ class Predictor:
             raise RuntimeError("no images are set: call set_images(images) first")
         features = self._features[image : image + 1]
         return _classify(self.florence, features, self.sizes[image], labels, region, task)
+
+
+def _merged(parts: list[Request], results) -> Result:
+    """The next result of `results` for a one-row request; the merge of the next len(parts) for a class list."""
+    if len(parts) == 1:
+        return next(results)
+    return Mixed.merge([next(results) for _ in parts], [part.text for part in parts])
 
 
 def _as_list(x) -> tuple[list, bool]:

@@ -12,6 +12,7 @@ Errors are `fiore.tasks.TaskInputError` (a ValueError).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,17 @@ class Request:
                     f"max_new_tokens for {task.name} must be a positive integer, got {max_new_tokens!r}"
                 )
         return cls(task, text, region, max_new_tokens)
+
+    def parts(self) -> list[Request]:
+        """The rows this request is decoded as: one per class for a task that takes a class list ("red star; blue
+        circle", duplicates and empty entries dropped), else itself. The rows share the image's encoding and their
+        results are merged back into one (`fiore.results.Mixed.merge`)."""
+        if not self.task.class_list or self.text is None or ";" not in self.text:
+            return [self]
+        classes = list(dict.fromkeys(c.strip() for c in self.text.split(";") if c.strip()))
+        if not classes:
+            raise TaskInputError(f"task {self.task.name}: no class names in {self.text!r}")
+        return [dataclasses.replace(self, text=c) for c in classes]
 
     def prompt(self, image_size: tuple[int, int]) -> str:
         """The prompt for an image of `image_size` (width, height); TaskInputError when the region misses it."""

@@ -254,6 +254,34 @@ class Mixed(Result):
     def instances(self) -> list[Instance]:
         return self.boxes.instances() + self.polygons.instances()
 
+    @classmethod
+    def merge(cls, parts: list[Mixed], classes: list[str]) -> Mixed:
+        """One result from the answers to several one-class queries of one image: every instance of `parts[i]`
+        labelled `classes[i]` (the class asked, whatever text the model echoed), its own score kept; the result's
+        score is the mean of the parts' scores, truncated when any part was, warnings prefixed by their class."""
+
+        def labelled(kind: type[Boxes] | type[Polygons], name: str):
+            own = [getattr(part, name) for part in parts]  # each part's Boxes or Polygons
+            scored = all(o.scores is not None for o in own if len(o))
+            return kind(
+                [v for o in own for v in getattr(o, name)],
+                [label for o, label in zip(own, classes, strict=True) for _ in range(len(o))],
+                scores=[s for o in own for s in o.scores or []] if scored else None,
+            )
+
+        boxes, polygons = labelled(Boxes, "boxes"), labelled(Polygons, "polygons")
+        task = parts[0].task if parts else "open_vocabulary_detection"
+        boxes.task = polygons.task = task
+        scores = [p.score for p in parts if p.score is not None]
+        return cls(
+            boxes=boxes,
+            polygons=polygons,
+            task=task,
+            truncated=any(p.truncated for p in parts),
+            score=sum(scores) / len(scores) if scores else None,
+            warnings=[f"{name}: {w}" for part, name in zip(parts, classes, strict=True) for w in part.warnings],
+        )
+
     def _florence_value(self) -> dict[str, Any]:
         return {
             "bboxes": [list(b) for b in self.boxes.boxes],
