@@ -139,3 +139,87 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert resumed == reference == json.loads(out.read_text())
     names = [im["file_name"] for im in resumed["images"]]
     assert len(names) == len(set(names)) == 12
+
+
+SHARD_SCRIPT = """
+import sys
+from fake_florence import FakeFlorence
+from fiore.label import label_folder
+label_folder(FakeFlorence(delay=0.15), sys.argv[1], sys.argv[2], "od", batch_size=2, shard=(0, 2))
+"""
+
+
+def test_sharded_labelling_killed_and_rerun_loses_and_doubles_nothing(tmp_path):
+    folder = make_folder(tmp_path, 13)
+    reference = label_folder(FakeFlorence(), folder, tmp_path / "ref.json", "od", batch_size=5)
+    out = tmp_path / "labels.json"
+    # shard 1 of 2 finishes first: it cannot merge while shard 0 is incomplete
+    one = FakeFlorence()
+    assert label_folder(one, folder, out, "od", batch_size=2, shard=(1, 2)) is None
+    assert sum(n for _, n in one.calls) == 6 and not out.exists()
+    # shard 0 is killed mid-run, in its own process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(folder), str(out)], env=env)
+    journal = journal_path(out, (0, 2))
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and journal.read_text().count("\n") >= 3):  # header + 1 batch
+        assert proc.poll() is None, "labelling finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not out.exists()
+    done = journal.read_text().count("\n") - 1
+    assert 2 <= done < 7
+    # rerun of shard 0: labels only the rest of its share, then merges both shards
+    zero = FakeFlorence()
+    merged = label_folder(zero, folder, out, "od", batch_size=2, shard=(0, 2))
+    assert sum(n for _, n in zero.calls) == 7 - done
+    assert merged == reference == json.loads(out.read_text())
+    names = [im["file_name"] for im in merged["images"]]
+    assert len(names) == len(set(names)) == 13
+    assert not journal.exists() and not journal_path(out, (1, 2)).exists()
+
+
+def test_shard_options_are_checked(tmp_path):
+    from fiore.label import parse_shard
+
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) is None
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    folder = make_folder(tmp_path, 2)
+    with pytest.raises(ValueError, match="rank must be"):
+        label_folder(FakeFlorence(), folder, tmp_path / "x.json", "od", shard=(2, 2))
+
+
+def test_torchrun_environment_gives_the_shard(monkeypatch):
+    from fiore.label import torchrun_shard
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert torchrun_shard() is None
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert torchrun_shard() == (1, 3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert torchrun_shard() is None  # alone: no shard files
+
+
+def test_cli_shards_and_merges(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import fiore.cli
+
+    folder = make_folder(tmp_path, 5)
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, quantize=None: FakeFlorence())
+    out = tmp_path / "l.json"
+    first = CliRunner().invoke(fiore.cli.app, ["label", str(folder), "--out", str(out), "--shard", "0/2"])
+    assert first.exit_code == 0, first.output
+    assert "shard 0/2 done" in first.output and not out.exists()
+    second = CliRunner().invoke(fiore.cli.app, ["label", str(folder), "--out", str(out), "--shard", "1/2"])
+    assert second.exit_code == 0, second.output
+    assert len(json.loads(out.read_text())["images"]) == 5
+    bad = CliRunner().invoke(fiore.cli.app, ["label", str(folder), "--out", str(out), "--shard", "2/2"])
+    assert bad.exit_code == 2 and "rank must be" in bad.output

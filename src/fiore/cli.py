@@ -185,13 +185,24 @@ def label(
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per image"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="skip larger images"),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="RANK/WORLD, e.g. 0/2: label every WORLD-th image from RANK (default under torchrun: RANK/WORLD_SIZE); "
+        "the last shard to finish writes the merged file",
+    ),
 ) -> None:
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fiore.label import label_folder, list_images
+    from fiore.label import label_folder, list_images, parse_shard, torchrun_shard
     from fiore.request import get_task
     from fiore.tasks import TaskInputError
+
+    try:
+        part = parse_shard(shard) if shard else torchrun_shard()
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--shard") from None
 
     try:
         t = get_task(task)
@@ -221,11 +232,15 @@ def label(
                 on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
                 max_new_tokens=max_new_tokens,
                 max_pixels=max_pixels,
+                shard=part,
             )
         except ValueError as e:  # e.g. a journal left by a run with other options
             progress.stop()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+    if coco is None:
+        typer.echo(f"shard {part[0]}/{part[1]} done; the last shard to finish writes {out}")
+        return
     skipped = len(list_images(folder)) - len(coco["images"])  # unreadable images, each warned about above
     typer.echo(
         f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations"

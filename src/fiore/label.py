@@ -4,6 +4,12 @@ Each finished batch is appended to a journal (`OUT.journal.jsonl`, one JSON line
 killed run loses at most the batch in flight; a rerun with the same output path reads the journal, skips the
 images already there and labels the rest. The COCO file is assembled from the journal only at the end and
 written atomically (temporary file + `os.replace`), so it is never half-written; then the journal is removed.
+
+Sharded (`shard=(rank, world)`, `fiore label --shard 0/2` or under torchrun): each process labels every world-th
+image (sorted names, from its rank) into its own journal `OUT.journal-RANK-of-WORLD.jsonl`, resumable as above, and
+marks it complete at the end. The process that finds every shard complete assembles the one COCO file from all of
+them (records keyed by file name: an image is never counted twice) and removes the journals. Merging reads only
+complete journals and writes atomically, so two shards finishing at once write the same file.
 """
 
 from __future__ import annotations
@@ -32,9 +38,42 @@ def list_images(folder: str | Path) -> list[str]:
     )
 
 
-def journal_path(out: str | Path) -> Path:
+SHARD_COMPLETE = {"fiore_label_shard_complete": True}
+
+
+def journal_path(out: str | Path, shard: tuple[int, int] | None = None) -> Path:
     out = Path(out)
-    return out.with_name(out.name + ".journal.jsonl")
+    if shard is None:
+        return out.with_name(out.name + ".journal.jsonl")
+    rank, world = shard
+    return out.with_name(f"{out.name}.journal-{rank}-of-{world}.jsonl")
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """ "RANK/WORLD" (e.g. "0/2") -> (0, 2); None or "" -> None. Refuses anything else with the rule."""
+    if not value:
+        return None
+    try:
+        rank, world = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise ValueError(f"a shard is RANK/WORLD such as 0/2, got {value!r}") from None
+    check_shard((rank, world))
+    return rank, world
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard {rank}/{world}: the rank must be in 0..{world - 1} and the world size >= 1")
+
+
+def torchrun_shard() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) from torchrun's environment, or None when not launched by it (or alone)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    shard = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    check_shard(shard)
+    return shard if shard[1] > 1 else None
 
 
 def read_journal(path: Path, header: dict) -> dict[str, dict]:
@@ -56,7 +95,7 @@ def read_journal(path: Path, header: dict) -> dict[str, dict]:
                     raise ValueError(
                         f"{path} was written by a run with {rec}, not {header}; use the same options or delete it"
                     )
-            else:
+            elif rec != SHARD_COMPLETE:
                 done[rec["file_name"]] = rec
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:
@@ -128,8 +167,12 @@ def label_folder(
     on_progress: Callable[[int, int], None] | None = None,
     max_new_tokens: int | None = None,
     max_pixels: int | None = None,
-) -> dict:
+    shard: tuple[int, int] | None = None,
+) -> dict | None:
     """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
+
+    With `shard=(rank, world)`, label this rank's share only; return the merged COCO when this call completed the
+    last shard, else None (the last shard to finish writes `out`).
 
     Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch;
     `max_new_tokens` caps generation per image (None: the task's own budget); `max_pixels` refuses larger images
@@ -144,15 +187,20 @@ def label_folder(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder, out = Path(folder), Path(out)
-    files = list_images(folder)
-    if not files:
+    all_files = list_images(folder)
+    if not all_files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+    if shard is not None:
+        check_shard(shard)
+    files = all_files if shard is None else all_files[shard[0] :: shard[1]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    journal = journal_path(out)
-    # A journal only resumes a run of the same task, text and model.
+    journal = journal_path(out, shard)
+    # A journal only resumes a run of the same task, text, model and shard.
     source = getattr(florence, "source", None)
     model = None if source is None else str(source)
     header = {"fiore_label_journal": 1, "task": request.task.name, "text": text, "model": model}
+    if shard is not None:
+        header["shard"] = list(shard)
     done = read_journal(journal, header)
     if not journal.exists() or journal.stat().st_size == 0:
         _append(journal, [header])
@@ -181,7 +229,44 @@ def label_folder(
         done.update({r["file_name"]: r for r in records})
         if on_progress:
             on_progress(len(files) - len(pending) + start + len(names), len(files))
+    if shard is not None:
+        if not _complete(journal):
+            _append(journal, [SHARD_COMPLETE])
+        return merge_shards(out, shard[1], all_files, task, threshold)
     coco = assemble_coco([done[f] for f in files if f in done], task, threshold)
     write_json_atomic(out, coco)
     journal.unlink()
+    return coco
+
+
+def _complete(journal: Path) -> bool:
+    """Whether a shard journal ends with the completion mark."""
+    if not journal.exists():
+        return False
+    with open(journal, "rb") as f:
+        lines = f.read().splitlines()
+    return bool(lines) and json.loads(lines[-1]) == SHARD_COMPLETE
+
+
+def merge_shards(out: str | Path, world: int, files: list[str], task: str, threshold: float = 0.0) -> dict | None:
+    """The COCO file of `world` complete shard journals of `out`, written to `out` (journals then removed); None
+    while a shard is incomplete or missing (another process may be merging: it writes the same file)."""
+    out = Path(out)
+    journals = [journal_path(out, (rank, world)) for rank in range(world)]
+    records: dict[str, dict] = {}
+    try:
+        if not all(_complete(j) for j in journals):
+            return None
+        for j in journals:
+            with open(j, encoding="utf-8") as f:
+                for line in f.readlines()[1:]:  # after the header
+                    rec = json.loads(line)
+                    if rec != SHARD_COMPLETE:
+                        records[rec["file_name"]] = rec
+    except FileNotFoundError:  # another shard merged and removed the journals meanwhile
+        return None
+    coco = assemble_coco([records[f] for f in files if f in records], task, threshold)
+    write_json_atomic(out, coco)
+    for j in journals:
+        j.unlink(missing_ok=True)
     return coco
