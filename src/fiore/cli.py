@@ -75,6 +75,16 @@ def _require(modules, what: str) -> None:
 QUANTIZE_HELP = "int8: every linear in int8 on the CPU (faster; docs/performance.md has speed and quality)"
 
 
+COORDS_HELP = "bin: coordinates at bin centres (as official code); expected: sub-bin, from the model's distribution"
+
+
+def _check_coords(coords: str) -> None:
+    from fiore.predictor import COORDS
+
+    if coords not in COORDS:
+        raise typer.BadParameter(f"unknown coords {coords!r}; use {' or '.join(COORDS)}", param_hint="--coords")
+
+
 def _load_florence(model: str | None, device: str, quantize: str | None = None):
     """The model at `model` (a checkpoint directory), or the shipped default model; `quantize` as fiore.load's."""
     import fiore
@@ -103,6 +113,7 @@ def predict(
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images"),
+    coords: str = typer.Option("bin", "--coords", help=COORDS_HELP),
 ) -> None:
     """Run tasks on images: a table on the terminal; annotated images and JSON in --out."""
     import json
@@ -118,6 +129,7 @@ def predict(
 
     if format not in ("json", "coco"):
         raise typer.BadParameter(f"unknown format {format!r}; use json or coco", param_hint="--format")
+    _check_coords(coords)
     console = Console()
     try:
         requests = requests_for(task, text, region, max_new_tokens)
@@ -136,7 +148,7 @@ def predict(
             raise typer.BadParameter(f"{path}: {e}", param_hint="--region") from None
         loaded.append((path, image))
     florence = _load_florence(model, device, quantize)
-    predictor = florence.predictor()
+    predictor = florence.predictor(coords=coords)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     coco = {"images": [], "annotations": [], "categories": []}
@@ -191,6 +203,7 @@ def label(
         help="RANK/WORLD, e.g. 0/2: label every WORLD-th image from RANK (default under torchrun: RANK/WORLD_SIZE); "
         "the last shard to finish writes the merged file",
     ),
+    coords: str = typer.Option("bin", "--coords", help=COORDS_HELP),
 ) -> None:
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -199,6 +212,7 @@ def label(
     from fiore.request import get_task
     from fiore.tasks import TaskInputError
 
+    _check_coords(coords)
     try:
         part = parse_shard(shard) if shard else torchrun_shard()
     except ValueError as e:
@@ -233,6 +247,7 @@ def label(
                 max_new_tokens=max_new_tokens,
                 max_pixels=max_pixels,
                 shard=part,
+                coords=coords,
             )
         except ValueError as e:  # e.g. a journal left by a run with other options
             progress.stop()

@@ -120,7 +120,7 @@ class Florence:
 
     def predictor(self, **options):
         """A `fiore.predictor.Predictor`: `set_images` once, then `predict` lists of `fiore.Request`s (and
-        `classify`) against those encodings. Options: score_mode, max_rows, image_batch, generation fields."""
+        `classify`) against those encodings. Options: score_mode, coords, max_rows, image_batch, generation fields."""
         from fiore.predictor import Predictor
 
         return Predictor(self, **options)

@@ -55,6 +55,11 @@ class GenerationConfig:
     decoder_start_token_id: int = 2
     eos_token_id: int = 2
     pad_token_id: int = 1
+    # Sub-bin coordinates: with loc_window > 0, each generated location token (ids loc_token_start ..
+    # loc_token_start + 999) also gets the expected bin under the model's distribution restricted to the
+    # 2 * loc_window + 1 bins around it (`Sequence.token_bins`).
+    loc_token_start: int | None = None
+    loc_window: int = 0
 
     def validate(self, batch_size: int) -> list[int]:
         """Check the options; return the per-row token limits."""
@@ -73,6 +78,8 @@ class GenerationConfig:
             raise ValueError("beam search with sampling is not supported; use num_beams=1 with do_sample=True")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.loc_window < 0 or (self.loc_window > 0 and self.loc_token_start is None):
+            raise ValueError(f"loc_window must be >= 0 and needs loc_token_start, got {self.loc_window}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.do_sample:
@@ -93,12 +100,15 @@ class Sequence:
     `token_logprobs`: log-probability of each of `ids` under the model's unprocessed distribution at that step.
     `truncated`: the row hit `max_new_tokens` without choosing the end token itself.
     `score`: mean of `token_logprobs` (a length-normalised sequence log-likelihood; exp() of it is a probability).
+    `token_bins`: with `GenerationConfig.loc_window`, the expected bin of each location token of `ids` (NaN for
+    other tokens); None otherwise.
     """
 
     ids: list[int]
     token_logprobs: list[float]
     truncated: bool
     score: float
+    token_bins: list[float] | None = None  # expected bin of each location token, NaN elsewhere (loc_window)
 
 
 @torch.inference_mode()
@@ -177,6 +187,28 @@ def _chosen_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+LOC_BINS = 1000
+
+
+def _expected_bins(logits: torch.Tensor, tokens: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """(R,) expected bin of each chosen location token over the bins within `loc_window` of it, under the softmax of
+    `logits` (R, V) (raw or log-softmaxed: the same) restricted to that window; NaN where the token is no location.
+
+    Why a window and not all 1000 bins: a box's corner can have mass far away (another object's edge), which a full
+    expectation would average in; the window refines the chosen bin between its neighbours only. On a one-hot
+    distribution it is the chosen bin itself.
+    """
+    k = tokens - config.loc_token_start
+    is_loc = (k >= 0) & (k < LOC_BINS)
+    bins = k.clamp(0, LOC_BINS - 1).unsqueeze(1) + torch.arange(
+        -config.loc_window, config.loc_window + 1, device=tokens.device
+    )
+    inside = (bins >= 0) & (bins < LOC_BINS)
+    window = logits.gather(1, bins.clamp(0, LOC_BINS - 1) + config.loc_token_start).masked_fill(~inside, -float("inf"))
+    expected = (window.softmax(-1) * bins).sum(-1)
+    return torch.where(is_loc, expected, torch.full_like(expected, float("nan")))
+
+
 # ------------------------------------------------------------------------------------------------- greedy / sample
 
 
@@ -189,6 +221,7 @@ def _greedy_or_sample(model, encoder_hidden, encoder_mask, config: GenerationCon
     tokens[:, 0] = config.decoder_start_token_id
     logprobs = torch.zeros(B, L, dtype=torch.float32, device=device)
     lengths = torch.zeros(B, dtype=torch.long)
+    bins = torch.full((B, L), float("nan"), device=device) if config.loc_window else None
 
     cache = model.new_cache(encoder_hidden, encoder_mask, L)  # the last token is never fed back: L positions
     rows = torch.arange(B, device=device)  # batch row of each live cache row
@@ -205,12 +238,11 @@ def _greedy_or_sample(model, encoder_hidden, encoder_mask, config: GenerationCon
         else:
             nxt = scores.argmax(-1)
         lp = _chosen_logprob(logits, nxt)
-        if all_live:
-            tokens[:, step + 1] = nxt
-            logprobs[:, step] = lp
-        else:
-            tokens[rows, step + 1] = nxt
-            logprobs[rows, step] = lp
+        at = slice(None) if all_live else rows
+        tokens[at, step + 1] = nxt
+        logprobs[at, step] = lp
+        if bins is not None:
+            bins[at, step] = _expected_bins(logits, nxt, config)
         done = (nxt == config.eos_token_id) | (row_limit == step + 1)
         if bool(done.any()):
             lengths[rows[done].cpu()] = step + 1
@@ -224,17 +256,21 @@ def _greedy_or_sample(model, encoder_hidden, encoder_mask, config: GenerationCon
             cache = cache.select(keep)
             all_live = False
     del cache
-    return [_finish(tokens[i, 1 : n + 1], logprobs[i, :n], limits[i], config) for i, n in enumerate(lengths.tolist())]
+    return [
+        _finish(tokens[i, 1 : n + 1], logprobs[i, :n], None if bins is None else bins[i, :n], limits[i], config)
+        for i, n in enumerate(lengths.tolist())
+    ]
 
 
-def _finish(ids: torch.Tensor, logprobs: torch.Tensor, limit: int, config: GenerationConfig) -> Sequence:
+def _finish(ids, logprobs, bins: torch.Tensor | None, limit: int, config: GenerationConfig) -> Sequence:
     ids_list, lps = ids.tolist(), logprobs.tolist()
     n = len(ids_list)
     ended = n > 0 and ids_list[-1] == config.eos_token_id
     forced_end = config.forced_eos_token_id is not None and n == limit
     truncated = not ended or forced_end
     score = sum(lps) / n if n else 0.0
-    return Sequence(ids=ids_list, token_logprobs=lps, truncated=truncated, score=score)
+    token_bins = None if bins is None else bins.tolist()
+    return Sequence(ids=ids_list, token_logprobs=lps, truncated=truncated, score=score, token_bins=token_bins)
 
 
 # ----------------------------------------------------------------------------------------------------- beam search
@@ -256,9 +292,10 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
     run_seq = torch.full((B, k, L + 1), config.pad_token_id, dtype=torch.long, device=device)
     run_seq[:, :, 0] = config.decoder_start_token_id
     run_lp = torch.zeros(B, k, L, device=device)  # raw log-prob of each chosen token
+    run_bins = torch.full((B, k, L), float("nan"), device=device)  # expected bin of each location token
     run_score = torch.zeros(B, k, device=device)
     run_score[:, 1:] = _NEG  # all beams start identical: only the first one may expand at step 0
-    fin_seq, fin_lp = run_seq.clone(), run_lp.clone()
+    fin_seq, fin_lp, fin_bins = run_seq.clone(), run_lp.clone(), run_bins.clone()
     fin_score = torch.full((B, k), _NEG, device=device)
     fin_len = torch.zeros(B, k, dtype=torch.long, device=device)
     is_fin = torch.zeros(B, k, dtype=torch.bool, device=device)
@@ -266,7 +303,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
 
     # final results per original item, filled when an item leaves the batch
     out_seq = fin_seq.clone()
-    out_lp, out_score, out_len = fin_lp.clone(), fin_score.clone(), fin_len.clone()
+    out_lp, out_bins, out_score, out_len = fin_lp.clone(), fin_bins.clone(), fin_score.clone(), fin_len.clone()
 
     cache = model.new_cache(encoder_hidden, encoder_mask, L)  # the last token is never fed back: L positions
     cache = cache.select(torch.arange(B, device=device).repeat_interleave(k))
@@ -293,6 +330,10 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
         cand_lp = run_lp.gather(1, src_beam[..., None].expand(-1, -1, L))
         raw_tok = raw.view(Bl, k * V).gather(1, cand_idx)
         cand_lp[:, :, step] = raw_tok
+        cand_bins = run_bins.gather(1, src_beam[..., None].expand(-1, -1, L))
+        if config.loc_window:
+            parent_rows = (torch.arange(Bl, device=device).unsqueeze(1) * k + src_beam).reshape(-1)
+            cand_bins[:, :, step] = _expected_bins(raw[parent_rows], tok.reshape(-1), config).view(Bl, K2)
         ends = (tok == eos) | (item_limit == step + 1).unsqueeze(1)  # (Bl, 2k)
 
         # beams that keep running: the best k candidates that did not end
@@ -300,6 +341,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
         nxt = torch.topk(keep_score, k).indices  # (Bl, k)
         run_seq = cand_seq.gather(1, nxt[..., None].expand(-1, -1, L + 1))
         run_lp = cand_lp.gather(1, nxt[..., None].expand(-1, -1, L))
+        run_bins = cand_bins.gather(1, nxt[..., None].expand(-1, -1, L))
         run_score = keep_score.gather(1, nxt)
         parent = src_beam.gather(1, nxt)  # (Bl, k) beam each new running beam continues
 
@@ -314,6 +356,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
         fin_score = m_score.gather(1, best)
         fin_seq = torch.cat([fin_seq, cand_seq], 1).gather(1, best[..., None].expand(-1, -1, L + 1))
         fin_lp = torch.cat([fin_lp, cand_lp], 1).gather(1, best[..., None].expand(-1, -1, L))
+        fin_bins = torch.cat([fin_bins, cand_bins], 1).gather(1, best[..., None].expand(-1, -1, L))
         fin_len = torch.cat([fin_len, torch.full_like(cand_idx, gen_len)], 1).gather(1, best)
         is_fin = torch.cat([is_fin, just_fin], 1).gather(1, best)
 
@@ -333,7 +376,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
             item_done |= is_fin.all(-1)
         if bool(item_done.any()):
             gone = items[item_done]
-            out_seq[gone], out_lp[gone] = fin_seq[item_done], fin_lp[item_done]
+            out_seq[gone], out_lp[gone], out_bins[gone] = fin_seq[item_done], fin_lp[item_done], fin_bins[item_done]
             out_score[gone], out_len[gone] = fin_score[item_done], fin_len[item_done]
         live = (~item_done).nonzero().squeeze(1)
         if live.numel() == 0:
@@ -347,6 +390,7 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
             items, item_limit = items[live], item_limit[live]
             run_seq, run_lp, run_score, parent = run_seq[live], run_lp[live], run_score[live], parent[live]
             fin_seq, fin_lp, fin_score, fin_len = fin_seq[live], fin_lp[live], fin_score[live], fin_len[live]
+            run_bins, fin_bins = run_bins[live], fin_bins[live]
             is_fin, improvable = is_fin[live], improvable[live]
             row_keep = (live.unsqueeze(1) * k + torch.arange(k, device=device)).reshape(-1)
             enc_h = enc_h.index_select(0, row_keep)
@@ -356,5 +400,6 @@ def _beam_search(model, encoder_hidden, encoder_mask, config: GenerationConfig, 
     results = []
     for i in range(B):
         n = int(out_len[i, 0])
-        results.append(_finish(out_seq[i, 0, 1 : n + 1], out_lp[i, 0, :n], limits[i], config))
+        bins = out_bins[i, 0, :n] if config.loc_window else None
+        results.append(_finish(out_seq[i, 0, 1 : n + 1], out_lp[i, 0, :n], bins, limits[i], config))
     return results

@@ -168,6 +168,7 @@ def label_folder(
     max_new_tokens: int | None = None,
     max_pixels: int | None = None,
     shard: tuple[int, int] | None = None,
+    coords: str = "bin",
 ) -> dict | None:
     """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
 
@@ -176,7 +177,7 @@ def label_folder(
 
     Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch;
     `max_new_tokens` caps generation per image (None: the task's own budget); `max_pixels` refuses larger images
-    (None: fiore.processor.DEFAULT_MAX_PIXELS).
+    (None: fiore.processor.DEFAULT_MAX_PIXELS); `coords`: "bin" or "expected" (sub-bin), as `Predictor`'s.
     """
     from fiore.draw import to_coco
     from fiore.processor import DEFAULT_MAX_PIXELS, load_image
@@ -199,6 +200,8 @@ def label_folder(
     source = getattr(florence, "source", None)
     model = None if source is None else str(source)
     header = {"fiore_label_journal": 1, "task": request.task.name, "text": text, "model": model}
+    if coords != "bin":
+        header["coords"] = coords
     if shard is not None:
         header["shard"] = list(shard)
     done = read_journal(journal, header)
@@ -207,7 +210,7 @@ def label_folder(
     pending = [f for f in files if f not in done]
     if on_progress:
         on_progress(len(files) - len(pending), len(files))
-    predictor = florence.predictor()
+    predictor = florence.predictor(coords=coords)
     for start in range(0, len(pending), batch_size):
         names = pending[start : start + batch_size]
         images, records, ok = [], [], []

@@ -41,6 +41,9 @@ DEFAULT_IMAGE_BATCH = 8  # images per vision-tower call: bounds activation memor
 CLASSIFY_CHUNK = 32  # candidate labels scored per teacher-forced pass
 
 _GEN_FIELDS = {f.name for f in fields(GenerationConfig)} - {"max_new_tokens"}
+COORDS = ("bin", "expected")
+# Sub-bin coordinates: the expected bin over the chosen bin and LOC_WINDOW neighbours on each side (docs/design.md).
+LOC_WINDOW = 2
 
 
 @dataclass
@@ -124,7 +127,12 @@ def _decode_rows(florence, features, sizes, rows: list[_Row], config: Generation
             ids = [t for t, _ in known]
             text = tok.decode(ids)
             logprobs = list(zip(tok.pieces(ids), [lp for _, lp in known], strict=True))
-            result = row.task.parse(text, sizes[row.image], token_logprobs=logprobs, score_mode=score_mode)
+            bins = None
+            if seq.token_bins is not None:
+                bins = [b for t, b in zip(seq.ids, seq.token_bins, strict=True) if t < tok.vocab_size]
+            result = row.task.parse(
+                text, sizes[row.image], token_logprobs=logprobs, score_mode=score_mode, token_bins=bins
+            )
             result.task = result.task or row.task.name
             result.truncated = seq.truncated
             if len(known) != len(seq.ids):
@@ -157,6 +165,7 @@ class Predictor:
         florence,
         *,
         score_mode: str = "loc",
+        coords: str = "bin",
         max_rows: int = DEFAULT_MAX_ROWS,
         image_batch: int = DEFAULT_IMAGE_BATCH,
         **generation,
@@ -165,6 +174,10 @@ class Predictor:
             raise ValueError(f"max_rows and image_batch must be >= 1, got {max_rows} and {image_batch}")
         self.florence = florence
         self.score_mode, self.max_rows, self.image_batch = score_mode, max_rows, image_batch
+        if coords not in COORDS:
+            raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
+        if coords == "expected":  # sub-bin coordinates (`fiore.generate._expected_bins`)
+            generation = {"loc_token_start": florence.tokenizer.loc_id(0), "loc_window": LOC_WINDOW, **generation}
         self.config = _generation_config(florence, generation, score_mode)
         self.sizes: list[tuple[int, int]] = []  # (width, height) of each set image
         self._features: torch.Tensor | None = None
@@ -254,7 +267,9 @@ def predict(
     text / region: the task's input, one for all images or one per image; a region is [x1, y1, x2, y2] in pixels of
     the original image. max_new_tokens: default the task's budget. Other keywords go to `Predictor`: score_mode
     ("loc": an instance's confidence is exp(mean log-prob of its location tokens), as Microsoft's original code;
-    "label_loc": its label and location tokens, see `fiore.tasks.parsers`), max_rows, image_batch, and
+    "label_loc": its label and location tokens, see `fiore.tasks.parsers`), coords ("bin": each coordinate at
+    its bin's centre, as official code; "expected": sub-bin, the expected bin over the chosen one and its LOC_WINDOW
+    neighbours on each side under the model's distribution), max_rows, image_batch, and
     `GenerationConfig` fields (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, do_sample,
     temperature, top_k, top_p, generator, ...). Default decoding is greedy.
     """

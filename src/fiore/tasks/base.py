@@ -160,10 +160,11 @@ class Task:
             text += self.region_tokens(example.region, image_size)
         return text
 
-    def parse(self, text: str, image_size, token_logprobs=None, score_mode: str = "loc") -> Result:
+    def parse(self, text: str, image_size, token_logprobs=None, score_mode: str = "loc", token_bins=None) -> Result:
         """Raw decoded text (specials included, e.g. "</s><s>car<loc_1>...</s>") -> typed Result. Never raises on
-        model output; see `fiore.tasks.parsers` for the score definitions."""
-        p = parsers.make_input(text, image_size, token_logprobs, score_mode)
+        model output; see `fiore.tasks.parsers` for the score definitions. `token_bins` (one per token of
+        `token_logprobs`, NaN for non-location tokens): sub-bin positions that replace the bin centres."""
+        p = parsers.make_input(text, image_size, token_logprobs, score_mode, token_bins)
         result = self._parse(p, self.name)
         past = [k for k in parse_locs(text) if k >= 1000]
         if past:  # no model vocabulary has them, but a hand-written or foreign string may

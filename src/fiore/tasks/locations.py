@@ -46,6 +46,13 @@ def dequantize(index: int, size: float) -> float:
     return (index + 0.5) * size / BINS  # same bin centre as (k + 0.5) * (size / 1000), fewer rounding digits
 
 
+def dequantize_fraction(position: float, size: float) -> float:
+    """A fractional bin position (0..999, e.g. an expected bin) -> pixel coordinate; integer positions give the bin
+    centres `dequantize` gives. Positions outside 0..999 are clamped."""
+    size = _check_size(size)
+    return (min(max(float(position), 0.0), BINS - 1) + 0.5) * size / BINS
+
+
 def loc_token(index: int) -> str:
     if not 0 <= index < BINS:
         raise ValueError(f"location bin must be in 0..{BINS - 1}, got {index}")

@@ -12,6 +12,7 @@ Without log-probs every score is None (never a made-up 1.0).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fiore.results import Boxes, Label, Mixed, Phrases, Polygons, Quads, Result, Text
-from fiore.tasks.locations import LOC_RE, check_image_size, tokens_to_points
+from fiore.tasks.locations import LOC_RE, check_image_size, dequantize_fraction, tokens_to_points
 
 log = logging.getLogger("fiore.tasks")
 
@@ -226,6 +227,42 @@ def _unread(clean: str, insts: list[Instance]) -> list[str]:
     return [f"{stray} location token(s) could not be read (malformed or truncated output)"] if stray else []
 
 
+def _sub_bin(insts: list[Instance], p: ParseInput) -> list[Instance]:
+    """Instances whose coordinates come from the sub-bin location of their loc tokens (`p.token_bins`, the
+    expected bin near each chosen one) instead of the chosen bins' centres; unchanged without token_bins or where a
+    token has none. The loc tokens of an instance, in order, are its flattened coordinates, x and y alternating."""
+    if p.token_bins is None or p.scorer is None:
+        return insts
+    width, height = p.size
+    out = []
+    for inst in insts:
+        tokens: list[int] = []
+        for start, end in inst.loc_spans:
+            for c in p.clean.raw_span(start, end):
+                t = p.scorer.char_token[c]
+                if not tokens or tokens[-1] != t:
+                    tokens.append(t)
+        values = [float(p.token_bins[t]) for t in tokens]
+        if len(values) != len(_flatten(inst.geometry)) or any(math.isnan(v) for v in values):
+            out.append(inst)
+            continue
+        out.append(dataclasses.replace(inst, geometry=_rebuild(inst.geometry, iter(values), width, height)))
+    return out
+
+
+def _flatten(geometry) -> list[float]:
+    if geometry and isinstance(geometry[0], list):
+        return [v for g in geometry for v in _flatten(g)]
+    return list(geometry)
+
+
+def _rebuild(geometry, bins, width: float, height: float):
+    """`geometry`'s nesting with each coordinate from the next of `bins`; x and y alternate within each list."""
+    if geometry and isinstance(geometry[0], list):
+        return [_rebuild(g, bins, width, height) for g in geometry]
+    return [dequantize_fraction(next(bins), width if i % 2 == 0 else height) for i in range(len(geometry))]
+
+
 # ---- per-kind entry points: (raw text, image size, log-probs, mode) -> Result ----------------------------------
 
 
@@ -236,6 +273,7 @@ class ParseInput:
     token_logprobs: Sequence[tuple[str, float]] | None
     score_mode: str
     warnings: list[str] = field(default_factory=list)
+    token_bins: Sequence[float] | None = None  # sub-bin location of each token of token_logprobs (NaN: none)
 
     def __post_init__(self):
         self.raw = "" if self.raw is None else str(self.raw)
@@ -272,7 +310,7 @@ def parse_label(p: ParseInput, task: str) -> Label:
 
 
 def parse_boxes(p: ParseInput, task: str, allow_empty_phrase: bool) -> Boxes:
-    insts = boxes_instances(p.clean.text, p.size, allow_empty_phrase)
+    insts = _sub_bin(boxes_instances(p.clean.text, p.size, allow_empty_phrase), p)
     scores = _instance_scores(insts, p.clean, p.scorer, p.score_mode)
     result = Boxes([i.geometry for i in insts], [i.label for i in insts], scores)
     result.warnings = _unread(p.clean.text, insts)
@@ -280,7 +318,7 @@ def parse_boxes(p: ParseInput, task: str, allow_empty_phrase: bool) -> Boxes:
 
 
 def parse_phrases(p: ParseInput, task: str) -> Phrases:
-    insts = phrase_instances(p.clean.text, p.size)
+    insts = _sub_bin(phrase_instances(p.clean.text, p.size), p)
     scores = _instance_scores(insts, p.clean, p.scorer, p.score_mode)
     result = Phrases([i.label for i in insts], [i.geometry for i in insts], scores)
     return _finish(result, p, task)
@@ -292,7 +330,7 @@ def _polygon_warnings(insts: list[Instance]) -> list[str]:
 
 
 def parse_polygons(p: ParseInput, task: str, allow_empty_phrase: bool) -> Polygons:
-    insts = polygon_instances(p.clean.text, p.size, allow_empty_phrase)
+    insts = _sub_bin(polygon_instances(p.clean.text, p.size, allow_empty_phrase), p)
     scores = _instance_scores(insts, p.clean, p.scorer, p.score_mode)
     result = Polygons([i.geometry for i in insts], [i.label for i in insts], scores)
     result.warnings = _unread(p.clean.text, insts) + _polygon_warnings(insts)
@@ -300,7 +338,7 @@ def parse_polygons(p: ParseInput, task: str, allow_empty_phrase: bool) -> Polygo
 
 
 def parse_quads(p: ParseInput, task: str) -> Quads:
-    insts = ocr_instances(p.clean.text, p.size)
+    insts = _sub_bin(ocr_instances(p.clean.text, p.size), p)
     scores = _instance_scores(insts, p.clean, p.scorer, p.score_mode)
     result = Quads([i.geometry for i in insts], [i.label for i in insts], scores)
     result.warnings = _unread(p.clean.text, insts)
@@ -310,11 +348,11 @@ def parse_quads(p: ParseInput, task: str) -> Quads:
 def parse_mixed(p: ParseInput, task: str) -> Mixed:
     """description_with_bboxes_or_polygons: polygons when the raw text holds `<poly>`, else boxes."""
     if "<poly>" in p.raw:
-        polys = parse_polygons(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode), task, False)
+        polys = parse_polygons(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode, [], p.token_bins), task, False)
         result = Mixed(polygons=polys)
         result.warnings = polys.warnings
     else:
-        boxes = parse_boxes(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode), task, False)
+        boxes = parse_boxes(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode, [], p.token_bins), task, False)
         result = Mixed(boxes=boxes)
         result.warnings = boxes.warnings
     for part in (result.boxes, result.polygons):
@@ -323,8 +361,10 @@ def parse_mixed(p: ParseInput, task: str) -> Mixed:
     return _finish(result, p, task)
 
 
-def make_input(text, image_size, token_logprobs, score_mode) -> ParseInput:
+def make_input(text, image_size, token_logprobs, score_mode, token_bins=None) -> ParseInput:
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
     size = check_image_size(image_size)
-    return ParseInput(text, size, token_logprobs, score_mode)
+    if token_bins is not None and (token_logprobs is None or len(token_bins) != len(token_logprobs)):
+        raise ValueError("token_bins needs token_logprobs, one bin (or NaN) per token")
+    return ParseInput(text, size, token_logprobs, score_mode, token_bins=token_bins)
