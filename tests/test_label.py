@@ -116,22 +116,28 @@ label_folder(FakeFlorence(delay=0.15), sys.argv[1], sys.argv[2], "od", batch_siz
 """
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
-    folder = make_folder(tmp_path, 12)
-    reference = label_folder(FakeFlorence(), folder, tmp_path / "ref.json", "od", batch_size=5)
-    out = tmp_path / "labels.json"
+def kill_after(script: str, folder: Path, out: Path, journal: Path, lines: int) -> int:
+    """Run `script` (labelling `folder` into `out`) in its own process, SIGKILL it once `journal` has `lines`
+    lines, and return how many image records the journal then holds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder), str(out)], env=env)
-    journal = journal_path(out)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder), str(out)], env=env)
     deadline = time.monotonic() + 60
-    while not (journal.exists() and journal.read_text().count("\n") >= 5):  # header + 2 batches
+    while not (journal.exists() and journal.read_text().count("\n") >= lines):
         assert proc.poll() is None, "labelling finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    return journal.read_text().count("\n") - 1
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    folder = make_folder(tmp_path, 12)
+    reference = label_folder(FakeFlorence(), folder, tmp_path / "ref.json", "od", batch_size=5)
+    out = tmp_path / "labels.json"
+    journal = journal_path(out)
+    done = kill_after(SCRIPT, folder, out, journal, lines=5)  # header + 2 batches
     assert not out.exists()  # no half-written output
-    done = journal.read_text().count("\n") - 1
     assert 4 <= done < 12
     fake = FakeFlorence()
     resumed = label_folder(fake, folder, out, "od", batch_size=2)
@@ -158,18 +164,9 @@ def test_sharded_labelling_killed_and_rerun_loses_and_doubles_nothing(tmp_path):
     assert label_folder(one, folder, out, "od", batch_size=2, shard=(1, 2)) is None
     assert sum(n for _, n in one.calls) == 6 and not out.exists()
     # shard 0 is killed mid-run, in its own process
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(folder), str(out)], env=env)
     journal = journal_path(out, (0, 2))
-    deadline = time.monotonic() + 60
-    while not (journal.exists() and journal.read_text().count("\n") >= 3):  # header + 1 batch
-        assert proc.poll() is None, "labelling finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    done = kill_after(SHARD_SCRIPT, folder, out, journal, lines=3)  # header + 1 batch
     assert not out.exists()
-    done = journal.read_text().count("\n") - 1
     assert 2 <= done < 7
     # rerun of shard 0: labels only the rest of its share, then merges both shards
     zero = FakeFlorence()
