@@ -233,7 +233,7 @@ def label_folder(
         if on_progress:
             on_progress(len(files) - len(pending) + start + len(names), len(files))
     if shard is not None:
-        if not _complete(journal):
+        if _finished_records(journal) is None:
             _append(journal, [SHARD_COMPLETE])
         return merge_shards(out, shard[1], all_files, task, threshold)
     coco = assemble_coco([done[f] for f in files if f in done], task, threshold)
@@ -242,32 +242,26 @@ def label_folder(
     return coco
 
 
-def _complete(journal: Path) -> bool:
-    """Whether a shard journal ends with the completion mark."""
-    if not journal.exists():
-        return False
-    with open(journal, "rb") as f:
-        lines = f.read().splitlines()
-    return bool(lines) and json.loads(lines[-1]) == SHARD_COMPLETE
+def _finished_records(journal: Path) -> dict[str, dict] | None:
+    """A shard journal's records by file name once it ends with the completion mark; None before (or missing)."""
+    try:
+        lines = journal.read_bytes().splitlines()
+    except FileNotFoundError:
+        return None
+    if len(lines) < 2 or json.loads(lines[-1]) != SHARD_COMPLETE:
+        return None
+    return {rec["file_name"]: rec for rec in map(json.loads, lines[1:-1])}  # after the header, before the mark
 
 
 def merge_shards(out: str | Path, world: int, files: list[str], task: str, threshold: float = 0.0) -> dict | None:
     """The COCO file of `world` complete shard journals of `out`, written to `out` (journals then removed); None
-    while a shard is incomplete or missing (another process may be merging: it writes the same file)."""
+    while a shard is incomplete or missing (another process may have merged them meanwhile: it wrote the same file)."""
     out = Path(out)
     journals = [journal_path(out, (rank, world)) for rank in range(world)]
-    records: dict[str, dict] = {}
-    try:
-        if not all(_complete(j) for j in journals):
-            return None
-        for j in journals:
-            with open(j, encoding="utf-8") as f:
-                for line in f.readlines()[1:]:  # after the header
-                    rec = json.loads(line)
-                    if rec != SHARD_COMPLETE:
-                        records[rec["file_name"]] = rec
-    except FileNotFoundError:  # another shard merged and removed the journals meanwhile
+    shards = [_finished_records(j) for j in journals]
+    if any(records is None for records in shards):
         return None
+    records = {name: rec for shard in shards for name, rec in shard.items()}
     coco = assemble_coco([records[f] for f in files if f in records], task, threshold)
     write_json_atomic(out, coco)
     for j in journals:

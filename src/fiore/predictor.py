@@ -123,13 +123,11 @@ def _decode_rows(florence, features, sizes, rows: list[_Row], config: Generation
         for i, seq in zip(chunk, seqs, strict=True):
             row = rows[i]
             # native checkpoints pad the embedding past the tokenizer (51289 -> 51328 rows): such ids have no text
-            known = [(t, lp) for t, lp in zip(seq.ids, seq.token_logprobs, strict=True) if t < tok.vocab_size]
-            ids = [t for t, _ in known]
+            known = [i for i, t in enumerate(seq.ids) if t < tok.vocab_size]
+            ids = [seq.ids[i] for i in known]
             text = tok.decode(ids)
-            logprobs = list(zip(tok.pieces(ids), [lp for _, lp in known], strict=True))
-            bins = None
-            if seq.token_bins is not None:
-                bins = [b for t, b in zip(seq.ids, seq.token_bins, strict=True) if t < tok.vocab_size]
+            logprobs = list(zip(tok.pieces(ids), [seq.token_logprobs[i] for i in known], strict=True))
+            bins = None if seq.token_bins is None else [seq.token_bins[i] for i in known]
             result = row.task.parse(
                 text, sizes[row.image], token_logprobs=logprobs, score_mode=score_mode, token_bins=bins
             )

@@ -92,9 +92,12 @@ class Scorer:
         char_token = [i for i, p in enumerate(pieces) for _ in p]
         return cls(char_token, [float(lp) for _, lp in token_logprobs], [p in SPECIAL_PIECES for p in pieces])
 
+    def tokens(self, raw_chars: Sequence[int]) -> list[int]:
+        """The tokens covering raw-text characters `raw_chars`, each once, in text order."""
+        return sorted({self.char_token[c] for c in raw_chars})
+
     def score(self, raw_chars: Sequence[int]) -> float | None:
-        tokens = sorted({self.char_token[c] for c in raw_chars})
-        return self._mean_exp([self.logprobs[t] for t in tokens if not self.special[t]])
+        return self._mean_exp([self.logprobs[t] for t in self.tokens(raw_chars) if not self.special[t]])
 
     def sequence_score(self) -> float | None:
         return self._mean_exp([lp for lp, s in zip(self.logprobs, self.special, strict=True) if not s])
@@ -236,12 +239,7 @@ def _sub_bin(insts: list[Instance], p: ParseInput) -> list[Instance]:
     width, height = p.size
     out = []
     for inst in insts:
-        tokens: list[int] = []
-        for start, end in inst.loc_spans:
-            for c in p.clean.raw_span(start, end):
-                t = p.scorer.char_token[c]
-                if not tokens or tokens[-1] != t:
-                    tokens.append(t)
+        tokens = p.scorer.tokens([c for start, end in inst.loc_spans for c in p.clean.raw_span(start, end)])
         values = [float(p.token_bins[t]) for t in tokens]
         if len(values) != len(_flatten(inst.geometry)) or any(math.isnan(v) for v in values):
             out.append(inst)
@@ -347,12 +345,13 @@ def parse_quads(p: ParseInput, task: str) -> Quads:
 
 def parse_mixed(p: ParseInput, task: str) -> Mixed:
     """description_with_bboxes_or_polygons: polygons when the raw text holds `<poly>`, else boxes."""
+    inner = ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode, token_bins=p.token_bins)  # its own warnings
     if "<poly>" in p.raw:
-        polys = parse_polygons(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode, [], p.token_bins), task, False)
+        polys = parse_polygons(inner, task, False)
         result = Mixed(polygons=polys)
         result.warnings = polys.warnings
     else:
-        boxes = parse_boxes(ParseInput(p.raw, p.size, p.token_logprobs, p.score_mode, [], p.token_bins), task, False)
+        boxes = parse_boxes(inner, task, False)
         result = Mixed(boxes=boxes)
         result.warnings = boxes.warnings
     for part in (result.boxes, result.polygons):
