@@ -103,6 +103,23 @@ def test_label_aware_groups_follow_the_texts():
     assert mask.sum(1).tolist() == [3, 4, 3, 1]
 
 
+def test_object_texts_name_an_object_of_the_image():
+    import random
+
+    from fiore.data.synthetic import make_sample
+
+    texts = ContrastiveTexts(["object"], "unused {}", tokenizer=None)
+    samples = [s for s in (make_sample(0, i) for i in range(20)) if len(s.objects) > 1]
+    for s in samples:
+        drawn = {texts.pick(s, random.Random(k)) for k in range(40)}
+        assert drawn == {o.label for o in s.objects}  # every object's name, and nothing else
+    empty = make_sample(0, 0)
+    empty.objects = []
+    assert texts.pick(empty, random.Random(0)) is None  # no object: no text (left out of the loss)
+    with pytest.raises(ConfigError, match="unknown source 'objects'"):
+        load_config(SMOKE, {"contrastive.texts": ["objects"]})
+
+
 def test_image_reliance_is_recorded_and_the_guard_fires_on_constant_images(tmp_path, monkeypatch):
     from fiore.processor import Processor
 

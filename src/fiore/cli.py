@@ -85,6 +85,22 @@ def _check_coords(coords: str) -> None:
         raise typer.BadParameter(f"unknown coords {coords!r}; use {' or '.join(COORDS)}", param_hint="--coords")
 
 
+TILE_HELP = "large images: also run the box, polygon and OCR-region tasks on native-resolution tiles, and merge"
+
+
+def _tiling(tile: bool, size: int | None, overlap: float):
+    """The `fiore.tiling.Tiling` the --tile options ask for (None without --tile); checked before any work."""
+    if not tile:
+        return None
+    _require(["supervision"], "--tile")
+    from fiore.tiling import Tiling
+
+    try:
+        return Tiling(size, overlap)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--tile-size/--tile-overlap") from None
+
+
 def _load_florence(model: str | None, device: str, quantize: str | None = None):
     """The model at `model` (a checkpoint directory), or the shipped default model; `quantize` as fiore.load's."""
     import fiore
@@ -114,6 +130,9 @@ def predict(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images"),
     coords: str = typer.Option("bin", "--coords", help=COORDS_HELP),
+    tile: bool = typer.Option(False, "--tile", help=TILE_HELP),
+    tile_size: int | None = typer.Option(None, "--tile-size", help="tile side in pixels (default: the model's input)"),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", help="fraction of a tile shared with its neighbour"),
 ) -> None:
     """Run tasks on images: a table on the terminal; annotated images and JSON in --out."""
     import json
@@ -126,10 +145,12 @@ def predict(
     from fiore.processor import load_image
     from fiore.request import requests_for
     from fiore.tasks import TaskInputError
+    from fiore.tiling import predict_tiled
 
     if format not in ("json", "coco"):
         raise typer.BadParameter(f"unknown format {format!r}; use json or coco", param_hint="--format")
     _check_coords(coords)
+    tiling = _tiling(tile, tile_size, tile_overlap)
     console = Console()
     try:
         requests = requests_for(task, text, region, max_new_tokens)
@@ -154,8 +175,12 @@ def predict(
     coco = {"images": [], "annotations": [], "categories": []}
     categories: dict[str, int] = {}
     for image_id, (path, image) in enumerate(loaded, start=1):
-        predictor.set_images([image])
-        results = {r.task.name: result for r, result in zip(requests, predictor.predict([requests])[0], strict=True)}
+        if tiling is None:
+            predictor.set_images([image])
+            answers = predictor.predict([requests])[0]
+        else:
+            answers = predict_tiled(predictor, image, requests, tiling)
+        results = {r.task.name: result for r, result in zip(requests, answers, strict=True)}
         # file names and answers are data, not rich markup ("scene[red].png", an answer ending "[truncated]")
         table = Table(title=escape(f"{path} ({image.width}x{image.height})"))
         for column in ("task", "answer", "score"):
@@ -204,6 +229,9 @@ def label(
         "the last shard to finish writes the merged file",
     ),
     coords: str = typer.Option("bin", "--coords", help=COORDS_HELP),
+    tile: bool = typer.Option(False, "--tile", help=TILE_HELP),
+    tile_size: int | None = typer.Option(None, "--tile-size", help="tile side in pixels (default: the model's input)"),
+    tile_overlap: float = typer.Option(0.25, "--tile-overlap", help="fraction of a tile shared with its neighbour"),
 ) -> None:
     """Auto-label a folder into COCO JSON with scores; rerun after a kill to continue where it stopped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -211,8 +239,10 @@ def label(
     from fiore.label import label_folder, list_images, parse_shard, torchrun_shard
     from fiore.request import get_task
     from fiore.tasks import TaskInputError
+    from fiore.tiling import TILEABLE
 
     _check_coords(coords)
+    tiling = _tiling(tile, tile_size, tile_overlap)
     try:
         part = parse_shard(shard) if shard else torchrun_shard()
     except ValueError as e:
@@ -228,6 +258,10 @@ def label(
         )
     if t.inputs == "text" and not text:
         raise typer.BadParameter(f"task {t.name} needs --text", param_hint="--text")
+    if tiling is not None and not t.tileable:
+        raise typer.BadParameter(
+            f"task {t.name} cannot be tiled; tileable tasks: {', '.join(TILEABLE)}", param_hint="--task"
+        )
     if not list_images(folder):
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
     florence = _load_florence(model, device, quantize)
@@ -248,6 +282,7 @@ def label(
                 max_pixels=max_pixels,
                 shard=part,
                 coords=coords,
+                tiling=tiling,
             )
         except ValueError as e:  # e.g. a journal left by a run with other options
             progress.stop()

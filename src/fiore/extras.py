@@ -1,8 +1,8 @@
 """Optional dependencies, checked before a command does any work: a missing one is named with its pip line.
 
 The extras (pyproject.toml): eval (pycocotools, pycocoevalcap: COCO mAP, masks, CIDEr/BLEU), serve (fastapi,
-uvicorn, python-multipart), finetune (peft: LoRA), export (onnx, onnxscript, onnxruntime: `fiore export onnx`).
-`pip install 'fiore[eval,serve,finetune,export]'` installs them all.
+uvicorn, python-multipart), finetune (peft: LoRA), export (onnx, onnxscript, onnxruntime: `fiore export onnx`),
+tile (supervision: NMS for `--tile`). `pip install 'fiore[eval,serve,finetune,export,tile]'` installs them all.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ EXTRA_OF = {
     "onnx": "export",
     "onnxscript": "export",
     "onnxruntime": "export",
+    "supervision": "tile",
 }
 
 

@@ -14,6 +14,7 @@ complete journals and writes atomically, so two shards finishing at once write t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -169,6 +170,7 @@ def label_folder(
     max_pixels: int | None = None,
     shard: tuple[int, int] | None = None,
     coords: str = "bin",
+    tiling=None,
 ) -> dict | None:
     """Label every image under `folder` with `task`, write COCO JSON to `out` and return it.
 
@@ -177,11 +179,13 @@ def label_folder(
 
     Resumes from `out`'s journal when one exists. `on_progress(done, total)` is called after each batch;
     `max_new_tokens` caps generation per image (None: the task's own budget); `max_pixels` refuses larger images
-    (None: fiore.processor.DEFAULT_MAX_PIXELS); `coords`: "bin" or "expected" (sub-bin), as `Predictor`'s.
+    (None: fiore.processor.DEFAULT_MAX_PIXELS); `coords`: "bin" or "expected" (sub-bin), as `Predictor`'s;
+    `tiling`: a `fiore.tiling.Tiling` to label large images tile by tile (a tileable task), None for whole images.
     """
     from fiore.draw import to_coco
     from fiore.processor import DEFAULT_MAX_PIXELS, load_image
     from fiore.request import Request
+    from fiore.tiling import TILEABLE, predict_tiled
 
     request = Request.make(task, text, None, max_new_tokens)  # a bad task or text fails before any image is read
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -202,6 +206,10 @@ def label_folder(
     header = {"fiore_label_journal": 1, "task": request.task.name, "text": text, "model": model}
     if coords != "bin":
         header["coords"] = coords
+    if tiling is not None:
+        if not request.task.tileable:
+            raise ValueError(f"task {request.task.name} cannot be tiled; tileable tasks: {', '.join(TILEABLE)}")
+        header["tiling"] = dataclasses.asdict(tiling)
     if shard is not None:
         header["shard"] = list(shard)
     done = read_journal(journal, header)
@@ -222,7 +230,9 @@ def label_folder(
                 warnings.warn(f"skipping {name}: {e}", stacklevel=2)
                 records.append({"file_name": name, "error": str(e)})
         results = []
-        if images:
+        if images and tiling is not None:  # an image and its tiles at a time
+            results = [predict_tiled(predictor, image, [request], tiling)[0] for image in images]
+        elif images:
             predictor.set_images(images)
             results = [answers[0] for answers in predictor.predict([[request]] * len(images))]
         for name, image, result in zip(ok, images, results, strict=True):

@@ -257,6 +257,7 @@ def predict(
     region: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
     *,
     max_new_tokens: int | None = None,
+    tile=None,
     **options,
 ) -> Result | list[Result]:
     """One task on one image (-> Result) or on a list of images (-> list[Result]), decoded as one batch; the
@@ -269,15 +270,28 @@ def predict(
     its bin's centre, as official code; "expected": sub-bin, the expected bin over the chosen one and its LOC_WINDOW
     neighbours on each side under the model's distribution), max_rows, image_batch, and
     `GenerationConfig` fields (num_beams, length_penalty, early_stopping, no_repeat_ngram_size, do_sample,
-    temperature, top_k, top_p, generator, ...). Default decoding is greedy.
+    temperature, top_k, top_p, generator, ...). Default decoding is greedy. tile: True or a `fiore.tiling.Tiling`
+    to also run the tileable tasks on native-resolution tiles of large images and merge (needs supervision).
     """
     images, single = _as_list(images)
     texts, regions = _per_image(text, len(images), "text"), _per_image(region, len(images), "region")
     requests = [[Request.make(task, t, r, max_new_tokens)] for t, r in zip(texts, regions, strict=True)]
-    predictor = Predictor(florence, **options)
-    predictor.set_images(images)
-    results = [answers[0] for answers in predictor.predict(requests)]
+    results = [answers[0] for answers in _answer(florence, images, requests, tile, options)]
     return results[0] if single else results
+
+
+def _answer(florence, images: list, requests: list[list[Request]], tile, options) -> list[list[Result]]:
+    """One list of Results per image: all images encoded and decoded together, or, with `tile` (True or a
+    `fiore.tiling.Tiling`), each image with its tiles (`fiore.tiling.predict_tiled`)."""
+    predictor = Predictor(florence, **options)
+    if not tile:
+        predictor.set_images(images)
+        return predictor.predict(requests)
+    from fiore.tiling import Tiling, predict_tiled
+
+    tiling = Tiling() if tile is True else tile
+    pils = _load_images(florence, images)
+    return [predict_tiled(predictor, image, rs, tiling) for image, rs in zip(pils, requests, strict=True)]
 
 
 def _requests(tasks, max_new_tokens) -> list[Request]:
@@ -309,6 +323,7 @@ def run(
     tasks: Sequence[str] | Mapping[str, Mapping[str, Any]],
     *,
     max_new_tokens: int | Mapping[str, int] | None = None,
+    tile=None,
     **options,
 ) -> dict[str, Result] | list[dict[str, Result]]:
     """Many tasks on one image (-> {task name: Result}) or on each of a list of images (-> list of dicts); the
@@ -317,13 +332,11 @@ def run(
     Each image is encoded by the vision tower once; all its tasks reuse that encoding, their prompts are encoded as
     one batch and decoded together. `tasks`: a list of task names, or a dict name -> {"text": ..., "region": ...,
     "max_new_tokens": ...} for tasks that take inputs. max_new_tokens: one limit for all tasks, or per task name.
-    Other keywords: as `predict`.
+    tile and other keywords: as `predict`.
     """
     requests = _requests(tasks, max_new_tokens)
     images, single = _as_list(images)
-    predictor = Predictor(florence, **options)
-    predictor.set_images(images)
-    answers = predictor.predict([requests] * len(images))
+    answers = _answer(florence, images, [requests] * len(images), tile, options)
     out = [{r.task.name: result for r, result in zip(requests, results, strict=True)} for results in answers]
     return out[0] if single else out
 

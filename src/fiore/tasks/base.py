@@ -58,6 +58,7 @@ class Task:
     max_text_chars: int = MAX_TEXT_CHARS
     echoes_region: bool = False  # the answer is followed by the region's 4 loc tokens, as official models emit it
     class_list: bool = False  # text may name several classes, "red star; blue circle": one row each (`Request.parts`)
+    tileable: bool = False  # its answer is a set of located instances that tiles of the image can find separately
 
     def prompt(self, text: str | None = None, region: Sequence[float] | str | None = None, image_size=None) -> str:
         """The prompt text for this task.

@@ -100,7 +100,8 @@ class LoraSection:
 class ContrastiveSection:
     weight: float = 0.0  # lambda of the image-text loss when no [[phases]] are given; needs model.contrastive_dim
     # Which text of a sample pairs with its image, drawn uniformly among those it has: "label" (the class name in
-    # the model's contrastive_template), or a caption key ("caption", "detailed_caption", "more_detailed_caption").
+    # the model's contrastive_template), "object" (the category name of one of its objects, e.g. "star"), or a caption
+    # key ("caption", "detailed_caption", "more_detailed_caption").
     texts: list[str] = field(default_factory=lambda: ["label", "caption"])
 
 
@@ -305,7 +306,7 @@ class TrainConfig:
             raise ConfigError("[tasks] is empty: name at least one task with a weight")
         if self.contrastive.weight < 0:
             raise ConfigError(f"[contrastive] weight must be >= 0, got {self.contrastive.weight}")
-        sources = ("label", "caption", "detailed_caption", "more_detailed_caption")
+        sources = ("label", "object", "caption", "detailed_caption", "more_detailed_caption")
         for text in [*self.contrastive.texts, *(t for p in self.phases for t in p.texts or [])]:
             if text not in sources:
                 raise ConfigError(f"[contrastive] texts: unknown source {text!r}; choose from {list(sources)}")

@@ -178,7 +178,8 @@ def combine(loss_sum: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor)
 
 class ContrastiveTexts:
     """The text paired with each image for the contrastive loss: one of `sources` that the sample has, drawn
-    uniformly ("label" = the class name put in `template`; a caption key = that caption)."""
+    uniformly ("label" = the class name put in `template`; "object" = the category name of one of its annotated
+    objects, drawn uniformly; a caption key = that caption)."""
 
     def __init__(self, sources: Sequence[str], template: str, tokenizer, max_tokens: int = 64):
         self.sources = list(sources)
@@ -192,6 +193,9 @@ class ContrastiveTexts:
             if source == "label":
                 if sample.label:
                     options.append(self.template.format(sample.label))
+            elif source == "object":
+                if sample.objects:
+                    options.append(rng.choice(sample.objects).label)
             elif sample.captions.get(source):
                 options.append(sample.captions[source])
         return rng.choice(options) if options else None
