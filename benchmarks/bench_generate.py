@@ -17,8 +17,13 @@ int8: fiore with `quantize="int8"` (every linear in int8) runs cases (b) and (d)
 tokens are compared with transformers' fp32 ones (agreement printed: int8 rounding may change a near-tie). Ratios
 `qb=` and `qd=` are fiore int8 / transformers fp32.
 
+bf16: fiore loaded with `dtype=torch.bfloat16` (the opt-in half-precision path; `--dtype bfloat16` on the CLI) runs
+cases (b) and (d) as well: ratios `bb=` and `bd=` against transformers fp32, token agreement printed. Whether bf16
+pays on a CPU depends on its bf16 instructions (AMX or AVX512-BF16, else it is emulated); the first line prints the
+CPU model and which of those flags it has.
+
 Peak RSS: each side in a fresh child process (its model only), peak reset after loading (`clear_refs`), then one
-run of every generation case. Last line: `ratios: a=.. b=.. c=.. d=.. e=.. qb=.. qd=.. rss=..` (fiore /
+run of every generation case. Last line: `ratios: a=.. b=.. c=.. d=.. e=.. qb=.. qd=.. bb=.. bd=.. rss=..` (fiore /
 transformers).
 Needs a Florence-2 tokenizer (official files; `--tokenizer`) for the prompts and fiore's text outputs.
 """
@@ -43,7 +48,8 @@ NATIVE_VOCAB, IMAGE_TOKEN_ID = 51328, 51289
 SIX_TASKS = ["caption", "detailed_caption", "ocr", "od", "dense_region_caption", "region_proposal"]
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
 CASES = "abcde"
-INT8_CASES = "bd"
+INT8_CASES = "bd"  # also the bf16 cases
+VARIANTS = {"int8": "q", "bf16": "b"}  # fiore variants timed beside fp32, and their ratio prefixes
 
 
 # -- setup ------------------------------------------------------------------------------------------------------
@@ -67,10 +73,11 @@ def build_checkpoint(preset: str, tokenizer_dir: Path, out: Path) -> None:
 
 
 def load_side(side: str, path: Path):
-    if side in ("fiore", "int8"):
+    if side in ("fiore", "int8", "bf16"):
         import fiore
 
-        return fiore.load(path, quantize="int8" if side == "int8" else None)
+        dtype = torch.bfloat16 if side == "bf16" else torch.float32
+        return fiore.load(path, quantize="int8" if side == "int8" else None, dtype=dtype)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -182,6 +189,20 @@ def first_difference(got: list[list[int]], want: list[list[int]]) -> str:
     return ""
 
 
+def cpu_description() -> str:
+    """The CPU's model name and which bf16/int8 instruction-set flags it reports (Linux /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
+    have = [f for f in wanted if f in flags]
+    bf16 = "native bf16 (AMX/AVX512-BF16)" if {"amx_bf16", "avx512_bf16"} & flags else "no bf16 instructions"
+    return f"{model}; flags: {' '.join(have) or 'none of ' + ' '.join(wanted)}; {bf16}"
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     with torch.inference_mode():
@@ -232,7 +253,7 @@ def main() -> None:
     ap.add_argument("--cases", default=CASES)
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--child", choices=["fiore", "hf", "int8"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fiore", "hf", *VARIANTS], help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -247,10 +268,12 @@ def main() -> None:
         path = Path(tmp)
         t0 = time.perf_counter()
         build_checkpoint(args.preset, args.tokenizer, path)
-        hf, florence, int8 = load_side("hf", path), load_side("fiore", path), load_side("int8", path)
-        print(f"# {args.preset}: built and loaded all three in {time.perf_counter() - t0:.0f} s; {florence}")
+        hf, florence = load_side("hf", path), load_side("fiore", path)
+        variants = {side: load_side(side, path) for side in VARIANTS}
+        print(f"# {args.preset}: built and loaded all four in {time.perf_counter() - t0:.0f} s; {florence}")
         int8_cases = "".join(c for c in args.cases if c in INT8_CASES)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 768x768, {NEW_TOKENS} new tokens")
+        print(f"# CPU: {cpu_description()}")
         inp = Inputs(processor_for(path), tasks)
 
         # token agreement (this is also the warm-up run of each case)
@@ -271,26 +294,29 @@ def main() -> None:
                 agree[case] += first_difference(got, want)
             print(f"# ({case}) {agree[case]}", flush=True)
             if case in int8_cases:
-                with torch.inference_mode():
-                    agree["q" + case] = agreement(recorded_ids(fiore_case(int8, inp, case)), want)
-                print(f"# (q{case}) int8 vs transformers fp32: {agree['q' + case]}", flush=True)
+                for side, prefix in VARIANTS.items():
+                    with torch.inference_mode():
+                        agree[prefix + case] = agreement(recorded_ids(fiore_case(variants[side], inp, case)), want)
+                    print(f"# ({prefix}{case}) {side} vs transformers fp32: {agree[prefix + case]}", flush=True)
 
-        times: dict[str, dict[str, list[float]]] = {c: {"hf": [], "fiore": [], "int8": []} for c in args.cases}
+        times: dict[str, dict[str, list[float]]] = {
+            c: {side: [] for side in ("hf", "fiore", *VARIANTS)} for c in args.cases
+        }
         for rep in range(args.repeats):
             for case in args.cases:
                 order = [("hf", hf_case(hf, inp, case)), ("fiore", fiore_case(florence, inp, case))]
                 if case in int8_cases:
-                    order.append(("int8", fiore_case(int8, inp, case)))
+                    order += [(side, fiore_case(variants[side], inp, case)) for side in VARIANTS]
                 for side, fn in order if rep % 2 == 0 else order[::-1]:
                     times[case][side].append(timed(fn))
                 line = ", ".join(f"{side} {times[case][side][-1]:.2f} s" for side, _ in order)
                 print(f"# rep {rep} ({case}) {line}", flush=True)
-        del hf, florence, int8
+        del hf, florence, variants
 
         rss = None
         if not args.no_rss:
             gen_cases = "".join(c for c in args.cases if c != "a") or "a"
-            rss = {side: child_rss(side, path, args.threads, gen_cases) for side in ("hf", "fiore", "int8")}
+            rss = {side: child_rss(side, path, args.threads, gen_cases) for side in ("hf", "fiore", *VARIANTS)}
 
     names = {"a": "vision encoding", "b": "greedy, b=1", "c": "beam 3, b=1", "d": "greedy, batch 4",
              "e": "six tasks, one image"}  # fmt: skip
@@ -302,19 +328,22 @@ def main() -> None:
         h, f = statistics.median(times[case]["hf"]), statistics.median(times[case]["fiore"])
         ratios[case] = f / h
         print(f"| ({case}) {names[case]} | {h:.2f} | {f:.2f} | {f / h:.2f} | {agree[case]} |")
-    for case in int8_cases:
-        h, q = statistics.median(times[case]["hf"]), statistics.median(times[case]["int8"])
-        ratios["q" + case] = q / h
-        print(f"| (q{case}) {names[case]}, fiore int8 | {h:.2f} | {q:.2f} | {q / h:.2f} | {agree['q' + case]} |")
+    for side, prefix in VARIANTS.items():
+        for case in int8_cases:
+            h, q = statistics.median(times[case]["hf"]), statistics.median(times[case][side])
+            ratios[prefix + case] = q / h
+            check = agree[prefix + case]
+            print(f"| ({prefix}{case}) {names[case]}, fiore {side} | {h:.2f} | {q:.2f} | {q / h:.2f} | {check} |")
     if rss:
         h, f = rss["hf"]["peak_mib"], rss["fiore"]["peak_mib"]
         ratios["rss"] = f / h
         loaded = f"{rss['hf']['resident_after_load_mib']:.0f} / {rss['fiore']['resident_after_load_mib']:.0f}"
         print(f"| peak RSS (MiB), cases {gen_cases} | {h:.0f} | {f:.0f} | {f / h:.2f} | after load: {loaded} |")
-        q = rss["int8"]["peak_mib"]
-        ratios["rss_q"] = q / h
-        loaded = f"{rss['int8']['resident_after_load_mib']:.0f}"
-        print(f"| peak RSS (MiB), fiore int8 | {h:.0f} | {q:.0f} | {q / h:.2f} | after load: {loaded} |")
+        for side, prefix in VARIANTS.items():
+            q = rss[side]["peak_mib"]
+            ratios["rss_" + prefix] = q / h
+            loaded = f"{rss[side]['resident_after_load_mib']:.0f}"
+            print(f"| peak RSS (MiB), fiore {side} | {h:.0f} | {q:.0f} | {q / h:.2f} | after load: {loaded} |")
     print()
     print("ratios: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
 

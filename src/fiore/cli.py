@@ -101,17 +101,28 @@ def _tiling(tile: bool, size: int | None, overlap: float):
         raise typer.BadParameter(str(e), param_hint="--tile-size/--tile-overlap") from None
 
 
-def _load_florence(model: str | None, device: str, quantize: str | None = None):
-    """The model at `model` (a checkpoint directory), or the shipped default model; `quantize` as fiore.load's."""
+DTYPE_HELP = "float32, or bfloat16 / float16 (half the weight memory; on a GPU, or a CPU with AMX bf16)"
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+def _load_florence(model: str | None, device: str, quantize: str | None = None, dtype: str = "float32"):
+    """The model at `model` (a checkpoint directory), or the shipped default model; `quantize` and `dtype` (a name)
+    as fiore.load's."""
+    import torch
+
     import fiore
     from fiore.model.inference import check_quantize
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16", param_hint="--dtype")
+    torch_dtype = getattr(torch, DTYPES[dtype])
     try:
-        check_quantize(quantize, device)
+        check_quantize(quantize, device, torch_dtype)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--quantize") from None
     try:
-        return fiore.load(model, device=device, quantize=quantize)
+        return fiore.load(model, device=device, quantize=quantize, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
 
@@ -127,6 +138,7 @@ def predict(
     format: str = typer.Option("json", "--format", help="json (one file per image) or coco (one file)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="refuse larger images"),
     coords: str = typer.Option("bin", "--coords", help=COORDS_HELP),
@@ -168,7 +180,7 @@ def predict(
         except TaskInputError as e:
             raise typer.BadParameter(f"{path}: {e}", param_hint="--region") from None
         loaded.append((path, image))
-    florence = _load_florence(model, device, quantize)
+    florence = _load_florence(model, device, quantize, dtype)
     predictor = florence.predictor(coords=coords)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +232,7 @@ def label(
     threshold: float = typer.Option(0.0, "--threshold", help="drop detections scoring below this"),
     device: str = typer.Option("cpu", "--device"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per image"),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="skip larger images"),
     shard: str | None = typer.Option(
@@ -264,7 +277,7 @@ def label(
         )
     if not list_images(folder):
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
-    florence = _load_florence(model, device, quantize)
+    florence = _load_florence(model, device, quantize, dtype)
     columns = (TextColumn("labelling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns) as progress:
         bar = progress.add_task("label", total=None)
@@ -306,6 +319,7 @@ def search(
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     device: str = typer.Option("cpu", "--device"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Text-to-image search over a folder with the image-text heads: the closest images first."""
     from rich.console import Console
@@ -319,7 +333,7 @@ def search(
     names = list_images(folder)
     if not names:
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
-    florence = _load_florence(model, device, quantize)
+    florence = _load_florence(model, device, quantize, dtype)
     try:
         ranked = florence.search(query, [folder / n for n in names], top_k=top)
     except ValueError as e:
@@ -338,6 +352,7 @@ def zero_shot(
     model: str | None = typer.Option(None, "--model", "-m", help="checkpoint directory (default: the shipped model)"),
     device: str = typer.Option("cpu", "--device"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Zero-shot classification from label prompts with the image-text heads."""
     import re
@@ -349,7 +364,7 @@ def zero_shot(
     candidates = [x.strip() for x in re.split(r"[;,]", labels) if x.strip()]
     if not candidates:
         raise typer.BadParameter("no labels given", param_hint="--labels")
-    florence = _load_florence(model, device, quantize)
+    florence = _load_florence(model, device, quantize, dtype)
     table = Table("image", "label", "probability", "runner-up")
     for path in images:
         try:
@@ -374,6 +389,7 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", envvar="FIORE_API_KEY", help="require X-API-Key"),
     device: str = typer.Option("cpu", "--device"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="cap generation per task"),
 ) -> None:
     """HTTP server: POST /v1/predict, GET /v1/tasks, a web page at /, OpenAPI at /docs."""
@@ -390,7 +406,7 @@ def serve(
         api_key=api_key,
         max_new_tokens=max_new_tokens,
     )
-    run(_load_florence(model, device, quantize), host=host, port=port, config=config)
+    run(_load_florence(model, device, quantize, dtype), host=host, port=port, config=config)
 
 
 @app.command("eval")
@@ -414,6 +430,7 @@ def eval_(
     ),
     device: str = typer.Option("cpu", "--device"),
     quantize: str | None = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Evaluate a model on a dataset: a table per task, report JSON + Markdown and raw predictions."""
     from rich.console import Console
@@ -438,7 +455,7 @@ def eval_(
             samples = swap_images(samples)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--swap-images") from None
-    florence = _load_florence(model, device, quantize)
+    florence = _load_florence(model, device, quantize, dtype)
     if zero_shot and florence.model.contrastive is None:
         raise typer.BadParameter(f"{model or 'the default model'} has no image-text heads", param_hint="--zero-shot")
     meta = {"model": model or "default", "data": str(data), "score_mode": score_mode or "default", "swap_images": swap}
