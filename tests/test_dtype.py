@@ -21,6 +21,12 @@ def test_bf16_runs_the_plain_modules_and_stays_close_to_fp32():
     fp32, bf16 = fiore.load(), fiore.load(dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and bf16.model.inference_strategies == ()  # the fp32 strategies stay off
     assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())
+    assert type(bf16.model.lm_head).__name__ == "Float32Head"  # logits in fp32: bf16 flips greedy near-ties
+    assert bf16.model.lm_head.weight_float32.dtype == torch.float32
+    assert set(bf16.model.state_dict()) == set(fp32.model.state_dict())  # the fp32 copy is not saved
+    with torch.inference_mode():
+        hidden = torch.randn(2, 3, bf16.config.text.d_model, dtype=torch.bfloat16)
+        assert bf16.model.logits(hidden).dtype == torch.float32
     images = [make_sample(3000, i).image for i in range(8)]
     a, b = (m.processor.pixel_values(images) for m in (fp32, bf16))
     with torch.inference_mode():

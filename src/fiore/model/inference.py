@@ -16,6 +16,9 @@ Strategies (CPU, float32; none applies on other devices or dtypes):
 - `fused_decoder`: each decoder layer's self-attention q/k/v become one matmul over one weight (the three parameters
   become views of it: no copy is kept) and the layer runs its step in fewer tensor operations.
 
+Half precision (`dtype=torch.bfloat16` or float16, any device): the model runs in that dtype with the plain modules,
+except the LM head, which computes the logits in float32 (`Float32Head`): bf16 logits flip greedy near-ties.
+
 Quantization (`quantize="int8"`, CPU): every `nn.Linear` becomes PyTorch's dynamically quantized linear (int8
 weights with one scale per output row, activations quantized per call; fbgemm/oneDNN int8 kernels). It replaces
 the linear strategies above (the quantized modules are the linears now); `sliced_vision` still applies. PyTorch
@@ -385,6 +388,18 @@ def resolve(strategies: str | Iterable[str] | None, model) -> set[str]:
     return chosen
 
 
+class Float32Head(nn.Linear):
+    """The LM head of a half-precision model, computed in float32 from a float32 copy of its (tied) weight, kept
+    as a non-persistent buffer: the state dict is unchanged. Greedy decoding picks among near-tied logits, and bf16
+    logits (8 significant bits) flip those ties (docs/performance.md: bf16 on the CPU)."""
+
+    def keep_float32_copy(self) -> None:
+        self.register_buffer("weight_float32", self.weight.detach().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight_float32)
+
+
 def check_quantize(quantize: str | None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Refuse a quantization fiore does not offer, or one asked for off the CPU or from non-float32 weights, before
     any weights are read."""
@@ -422,6 +437,9 @@ def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, 
     if not kernels.ONEDNN:
         chosen -= {"onednn_one_row", "onednn_rows", "onednn_narrow"}
     model.quantized = quantize
+    if model.dtype in (torch.bfloat16, torch.float16):
+        model.lm_head.__class__ = Float32Head
+        model.lm_head.keep_float32_copy()
     if quantize == "int8":
         chosen -= LINEAR_STRATEGIES
         quantize_int8(model)
