@@ -62,7 +62,7 @@ def test_fiore_eval_command(dataset, tmp_path, monkeypatch):
     samples = read_dataset(dataset)
     # the command reads the directory itself; hand it the oracle's own Sample objects so images can be recognised
     monkeypatch.setattr(fiore.data.readers, "read_dataset", lambda d: samples if str(d) == str(dataset) else None)
-    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, quantize=None: DiskOracle(samples))
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, *options: DiskOracle(samples))
     out = tmp_path / "run" / "report.json"
     result = CliRunner().invoke(
         fiore.cli.app,
@@ -93,7 +93,7 @@ def test_swapped_images_give_each_sample_the_next_ones_image(dataset, tmp_path, 
     for s in samples:
         s.load_image()  # the oracle recognises images by identity
     monkeypatch.setattr(fiore.data.readers, "read_dataset", lambda d: samples)
-    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, quantize=None: DiskOracle(samples))
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, *options: DiskOracle(samples))
     out = tmp_path / "swapped.json"
     args = ["eval", "--data", str(dataset), "--tasks", "classify,vqa", "--swap-images", "--out", str(out)]
     result = CliRunner().invoke(fiore.cli.app, args)

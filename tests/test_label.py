@@ -210,7 +210,7 @@ def test_cli_shards_and_merges(tmp_path, monkeypatch):
     import fiore.cli
 
     folder = make_folder(tmp_path, 5)
-    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, quantize=None: FakeFlorence())
+    monkeypatch.setattr(fiore.cli, "_load_florence", lambda model, device, *options: FakeFlorence())
     out = tmp_path / "l.json"
     first = CliRunner().invoke(fiore.cli.app, ["label", str(folder), "--out", str(out), "--shard", "0/2"])
     assert first.exit_code == 0, first.output
