@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fiore import tasks
+from fiore.extras import require
 from fiore.request import Request
 from fiore.results import Boxes, Instance, Mixed, Polygons, Quads, Result
 
@@ -184,6 +185,7 @@ def merge(whole: Result, tiles: list[tuple[Window, Result]], image_size: tuple[i
 def predict_tiled(predictor, image, requests: Sequence[Request], tiling: Tiling) -> list[Result]:
     """Answer `requests` on one image (PIL), tiling it for the tileable ones (module docstring): one Result per
     request, in order, coordinates in the image's pixels. Sets the predictor's images to the image and its tiles."""
+    require(["supervision"], "tiled inference")
     size = tiling.size or max(predictor.florence.config.image_size)
     windows = tile_windows(image.width, image.height, size, tiling.overlap)
     tiled = [k for k, r in enumerate(requests) if r.task.tileable]
