@@ -48,7 +48,7 @@ NATIVE_VOCAB, IMAGE_TOKEN_ID = 51328, 51289
 SIX_TASKS = ["caption", "detailed_caption", "ocr", "od", "dense_region_caption", "region_proposal"]
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "florence2-tokenizer"
 CASES = "abcde"
-INT8_CASES = "bd"  # also the bf16 cases
+VARIANT_CASES = "bd"  # the cases the int8 and bf16 variants run
 VARIANTS = {"int8": "q", "bf16": "b"}  # fiore variants timed beside fp32, and their ratio prefixes
 
 
@@ -271,7 +271,7 @@ def main() -> None:
         hf, florence = load_side("hf", path), load_side("fiore", path)
         variants = {side: load_side(side, path) for side in VARIANTS}
         print(f"# {args.preset}: built and loaded all four in {time.perf_counter() - t0:.0f} s; {florence}")
-        int8_cases = "".join(c for c in args.cases if c in INT8_CASES)
+        variant_cases = "".join(c for c in args.cases if c in VARIANT_CASES)
         print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 768x768, {NEW_TOKENS} new tokens")
         print(f"# CPU: {cpu_description()}")
         inp = Inputs(processor_for(path), tasks)
@@ -293,7 +293,7 @@ def main() -> None:
             if not same:
                 agree[case] += first_difference(got, want)
             print(f"# ({case}) {agree[case]}", flush=True)
-            if case in int8_cases:
+            if case in variant_cases:
                 for side, prefix in VARIANTS.items():
                     with torch.inference_mode():
                         agree[prefix + case] = agreement(recorded_ids(fiore_case(variants[side], inp, case)), want)
@@ -305,7 +305,7 @@ def main() -> None:
         for rep in range(args.repeats):
             for case in args.cases:
                 order = [("hf", hf_case(hf, inp, case)), ("fiore", fiore_case(florence, inp, case))]
-                if case in int8_cases:
+                if case in variant_cases:
                     order += [(side, fiore_case(variants[side], inp, case)) for side in VARIANTS]
                 for side, fn in order if rep % 2 == 0 else order[::-1]:
                     times[case][side].append(timed(fn))
@@ -329,7 +329,7 @@ def main() -> None:
         ratios[case] = f / h
         print(f"| ({case}) {names[case]} | {h:.2f} | {f:.2f} | {f / h:.2f} | {agree[case]} |")
     for side, prefix in VARIANTS.items():
-        for case in int8_cases:
+        for case in variant_cases:
             h, q = statistics.median(times[case]["hf"]), statistics.median(times[case][side])
             ratios[prefix + case] = q / h
             check = agree[prefix + case]

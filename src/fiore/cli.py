@@ -252,7 +252,7 @@ def label(
     from fiore.label import label_folder, list_images, parse_shard, torchrun_shard
     from fiore.request import get_task
     from fiore.tasks import TaskInputError
-    from fiore.tiling import TILEABLE
+    from fiore.tiling import check_tileable
 
     _check_coords(coords)
     tiling = _tiling(tile, tile_size, tile_overlap)
@@ -271,10 +271,11 @@ def label(
         )
     if t.inputs == "text" and not text:
         raise typer.BadParameter(f"task {t.name} needs --text", param_hint="--text")
-    if tiling is not None and not t.tileable:
-        raise typer.BadParameter(
-            f"task {t.name} cannot be tiled; tileable tasks: {', '.join(TILEABLE)}", param_hint="--task"
-        )
+    if tiling is not None:
+        try:
+            check_tileable(t)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--task") from None
     if not list_images(folder):
         raise typer.BadParameter(f"no images under {folder}", param_hint="FOLDER")
     florence = _load_florence(model, device, quantize, dtype)

@@ -185,7 +185,7 @@ def label_folder(
     from fiore.draw import to_coco
     from fiore.processor import DEFAULT_MAX_PIXELS, load_image
     from fiore.request import Request
-    from fiore.tiling import TILEABLE, predict_tiled
+    from fiore.tiling import check_tileable, predict_tiled
 
     request = Request.make(task, text, None, max_new_tokens)  # a bad task or text fails before any image is read
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -207,8 +207,7 @@ def label_folder(
     if coords != "bin":
         header["coords"] = coords
     if tiling is not None:
-        if not request.task.tileable:
-            raise ValueError(f"task {request.task.name} cannot be tiled; tileable tasks: {', '.join(TILEABLE)}")
+        check_tileable(request.task)
         header["tiling"] = dataclasses.asdict(tiling)
     if shard is not None:
         header["shard"] = list(shard)

@@ -259,24 +259,21 @@ class Mixed(Result):
         """One result from the answers to several one-class queries of one image: every instance of `parts[i]`
         labelled `classes[i]` (the class asked, whatever text the model echoed), its own score kept; the result's
         score is the mean of the parts' scores, truncated when any part was, warnings prefixed by their class."""
-
-        def labelled(kind: type[Boxes] | type[Polygons], name: str):
-            own = [getattr(part, name) for part in parts]  # each part's Boxes or Polygons
-            scored = all(o.scores is not None for o in own if len(o))
-            return kind(
-                [v for o in own for v in getattr(o, name)],
-                [label for o, label in zip(own, classes, strict=True) for _ in range(len(o))],
-                scores=[s for o in own for s in o.scores or []] if scored else None,
+        if not parts:
+            return cls(task="open_vocabulary_detection")
+        relabelled = [
+            dataclasses.replace(
+                part,
+                boxes=dataclasses.replace(part.boxes, labels=[name] * len(part.boxes)),
+                polygons=dataclasses.replace(part.polygons, labels=[name] * len(part.polygons)),
             )
-
-        boxes, polygons = labelled(Boxes, "boxes"), labelled(Polygons, "polygons")
-        task = parts[0].task if parts else "open_vocabulary_detection"
-        boxes.task = polygons.task = task
+            for part, name in zip(parts, classes, strict=True)
+        ]
+        merged = concat_instances(relabelled)
+        merged.boxes.task = merged.polygons.task = merged.task
         scores = [p.score for p in parts if p.score is not None]
-        return cls(
-            boxes=boxes,
-            polygons=polygons,
-            task=task,
+        return dataclasses.replace(
+            merged,
             truncated=any(p.truncated for p in parts),
             score=sum(scores) / len(scores) if scores else None,
             warnings=[f"{name}: {w}" for part, name in zip(parts, classes, strict=True) for w in part.warnings],
@@ -291,4 +288,26 @@ class Mixed(Result):
         }
 
 
-__all__ = ["Boxes", "Instance", "Label", "Mixed", "Phrases", "Polygons", "Quads", "Result", "Text"]
+# the field holding the located things of each result type whose instances are one list
+INSTANCE_FIELD = {Boxes: "boxes", Quads: "quads", Polygons: "polygons"}
+
+
+def concat_instances(parts: list[Result]) -> Result:
+    """One result holding every instance of `parts` (Boxes, Quads, Polygons or Mixed, all of one type), in order,
+    each with its label ("" where a part had none) and score (scores kept only when every non-empty part has them);
+    the other fields are the first part's."""
+    first = parts[0]
+    if isinstance(first, Mixed):
+        boxes, polygons = (concat_instances([getattr(p, name) for p in parts]) for name in ("boxes", "polygons"))
+        return dataclasses.replace(first, boxes=boxes, polygons=polygons)
+    name = INSTANCE_FIELD[type(first)]
+    scored = all(p.scores is not None for p in parts if len(p))
+    return dataclasses.replace(
+        first,
+        **{name: [v for p in parts for v in getattr(p, name)]},
+        labels=[label for p in parts for label in (list(p.labels) + [""] * len(p))[: len(p)]],
+        scores=[s for p in parts for s in p.scores or []] if scored else None,
+    )
+
+
+__all__ = ["Boxes", "Instance", "Label", "Mixed", "Phrases", "Polygons", "Quads", "Result", "Text", "concat_instances"]

@@ -31,9 +31,16 @@ from dataclasses import dataclass
 from fiore import tasks
 from fiore.extras import require
 from fiore.request import Request
-from fiore.results import Boxes, Instance, Mixed, Polygons, Quads, Result
+from fiore.results import INSTANCE_FIELD, Boxes, Instance, Mixed, Polygons, Quads, Result, concat_instances
 
 TILEABLE = [name for name in tasks.names() if tasks.get(name).tileable]
+
+
+def check_tileable(task) -> None:
+    """Refuse (ValueError) a task whose answer tiles cannot find separately, naming the ones they can."""
+    if not task.tileable:
+        raise ValueError(f"task {task.name} cannot be tiled; tileable tasks: {', '.join(TILEABLE)}")
+
 
 Window = tuple[int, int, int, int]  # x1, y1, x2, y2 in image pixels
 
@@ -97,10 +104,6 @@ def shift(result: Result, dx: float, dy: float) -> Result:
     raise TypeError(f"a {type(result).__name__} result has no coordinates to tile")
 
 
-def _field(result: Result) -> str:
-    return {Boxes: "boxes", Quads: "quads", Polygons: "polygons"}[type(result)]
-
-
 def _subset(result: Result, keep: Sequence[bool]) -> Result:
     """`result` with only the instances where `keep` is true (labels and scores follow)."""
     if isinstance(result, Mixed):
@@ -108,7 +111,7 @@ def _subset(result: Result, keep: Sequence[bool]) -> Result:
         return dataclasses.replace(
             result, boxes=_subset(result.boxes, keep[:n]), polygons=_subset(result.polygons, keep[n:])
         )
-    name = _field(result)
+    name = INSTANCE_FIELD[type(result)]
     pick = [i for i, k in enumerate(keep) if k]
     values = getattr(result, name)
     labels = [result.labels[i] if i < len(result.labels) else "" for i in pick]
@@ -126,23 +129,6 @@ def cut_by_inner_edge(instance: Instance, window: Window, image_size: tuple[int,
         or (wy1 > 0 and y1 <= margin)
         or (wx2 < width and x2 >= (wx2 - wx1) - margin)
         or (wy2 < height and y2 >= (wy2 - wy1) - margin)
-    )
-
-
-def _concat(parts: list[Result]) -> Result:
-    """One result holding every instance of `parts` (all of one type), in order."""
-    first = parts[0]
-    if isinstance(first, Mixed):
-        return dataclasses.replace(
-            first, boxes=_concat([p.boxes for p in parts]), polygons=_concat([p.polygons for p in parts])
-        )
-    name = _field(first)
-    scored = all(p.scores is not None for p in parts if len(p))
-    return dataclasses.replace(
-        first,
-        **{name: [v for p in parts for v in getattr(p, name)]},
-        labels=[label for p in parts for label in (list(p.labels) + [""] * len(p))[: len(p)]],
-        scores=[s for p in parts for s in p.scores or []] if scored else None,
     )
 
 
@@ -171,7 +157,7 @@ def merge(whole: Result, tiles: list[tuple[Window, Result]], image_size: tuple[i
         margin = 2.0 * max(window[2] - window[0], window[3] - window[1]) / 1000 + 1.0  # two location bins
         inside = [not cut_by_inner_edge(i, window, image_size, margin) for i in result.instances()]
         parts.append(shift(_subset(result, inside), window[0], window[1]))
-    merged = nms(_concat(parts), iou)
+    merged = nms(concat_instances(parts), iou)
     scores = [p.score for p in [whole] + [r for _, r in tiles] if p.score is not None]
     warnings = list(whole.warnings) + [f"tile {w[:2]}: {m}" for w, r in tiles for m in r.warnings]
     return dataclasses.replace(
@@ -201,4 +187,4 @@ def predict_tiled(predictor, image, requests: Sequence[Request], tiling: Tiling)
     return out
 
 
-__all__ = ["TILEABLE", "Tiling", "merge", "nms", "predict_tiled", "shift", "tile_windows"]
+__all__ = ["TILEABLE", "Tiling", "check_tileable", "merge", "nms", "predict_tiled", "shift", "tile_windows"]
