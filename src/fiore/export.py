@@ -58,6 +58,12 @@ class GraphCache:
         self.cross_k, self.cross_v = cross_k, cross_v
         self.length = past_k[0].shape[2]
 
+    def positions(self, t: int) -> torch.Tensor:
+        return torch.arange(t, device=self.past_k[0].device) + self.length
+
+    def advance(self, t: int) -> None:
+        """Nothing to do: the presents are the outputs, and the next call's past says its own length."""
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.past_k[layer] = torch.cat([self.past_k[layer], k], dim=2)
         self.past_v[layer] = torch.cat([self.past_v[layer], v], dim=2)

@@ -38,14 +38,20 @@ class DecoderCache:
     def batch_size(self) -> int:
         return self.encoder_mask.shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, t, hd) at positions length..length+t-1 of `layer`; return K/V of positions 0..length+t-1.
-
-        `length` itself advances once per decoder call (in `Decoder.forward`), after every layer has written.
-        """
-        end = self.length + k.shape[2]
+    def positions(self, t: int) -> torch.Tensor:
+        """(t,) positions of the next t tokens: length .. length+t-1 (the decoder adds their position embeddings)."""
+        end = self.length + t
         if end > self.max_length:
             raise ValueError(f"decoder cache is full: {end} tokens do not fit in max_length={self.max_length}")
+        return torch.arange(self.length, end, device=self.encoder_mask.device)
+
+    def advance(self, t: int) -> None:
+        """Once per decoder call, after every layer has written its t tokens (`Decoder.from_embeddings`)."""
+        self.length += t
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, t, hd) at positions length.. of `layer`; return K/V of positions 0..length+t-1."""
+        end = self.length + k.shape[2]
         self.self_k[layer][:, :, self.length : end] = k
         self.self_v[layer][:, :, self.length : end] = v
         return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
@@ -82,4 +88,52 @@ class DecoderCache:
         index = index.to(self.encoder_mask.device)
         self.self_k = [t.index_select(0, index) for t in self.self_k]
         self.self_v = [t.index_select(0, index) for t in self.self_v]
+        return self
+
+
+class StaticDecoderCache(DecoderCache):
+    """A `DecoderCache` whose every tensor keeps its shape from step to step, for a compiled (CUDA-graph) decode step:
+    the position is a tensor (not a Python int, which a compiled step would specialise on, recompiling each step),
+    keys and values are written with `index_copy_` at it, attention reads the whole `max_length` buffer under a
+    mask of the positions written so far, and a beam reorder copies in place (the buffers keep their addresses).
+
+    The tokens are those of `DecoderCache` exactly (tests/test_static_cache.py): masked positions get zero weight.
+    A static cache does not check for overflow (a data-dependent check would end the compiled graph); `generate`
+    allocates every position it feeds.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = torch.zeros((), dtype=torch.long, device=self.encoder_mask.device)
+        self.slots = torch.arange(self.max_length, device=self.encoder_mask.device)
+
+    @classmethod
+    def like(cls, cache: DecoderCache) -> StaticDecoderCache:
+        """An empty static cache over `cache`'s buffers (a fresh `DecoderCache` from `FlorenceModel.new_cache`)."""
+        return cls(cache.self_k, cache.self_v, cache.cross_k, cache.cross_v, cache.encoder_mask)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step reads or writes (a compiled step treats them as fixed-address inputs)."""
+        return [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.position, self.slots]
+
+    def positions(self, t: int) -> torch.Tensor:
+        return self.position + self.slots[:t]
+
+    def advance(self, t: int) -> None:
+        self.position += t  # in place: the tensor a compiled step captured
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = self.positions(k.shape[2])
+        self.self_k[layer].index_copy_(2, at, k)
+        self.self_v[layer].index_copy_(2, at, v)
+        return self.self_k[layer], self.self_v[layer]
+
+    def causal_mask(self, t: int) -> torch.Tensor:
+        """(t, max_length): query i (at position + i) sees the positions up to its own; never None."""
+        return self.positions(t)[:, None] >= self.slots[None, :]
+
+    def reorder(self, index: torch.Tensor) -> StaticDecoderCache:
+        index = index.to(self.encoder_mask.device)
+        for buffer in (*self.self_k, *self.self_v):
+            buffer.copy_(buffer.index_select(0, index))
         return self

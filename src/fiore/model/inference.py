@@ -16,6 +16,18 @@ Strategies (CPU, float32; none applies on other devices or dtypes):
 - `fused_decoder`: each decoder layer's self-attention q/k/v become one matmul over one weight (the three parameters
   become views of it: no copy is kept) and the layer runs its step in fewer tensor operations.
 
+Decode strategies (any device and dtype; asked for by name, never by "auto" or "all"):
+
+- `static_cache`: `new_cache` returns a `StaticDecoderCache`, whose tensors keep their shapes and addresses from
+  step to step (same tokens; on its own it only costs: attention reads the whole buffer).
+- `compiled_decode` (implies `static_cache`): the decoder's cached step runs through `torch.compile(fullgraph=True)`,
+  with CUDA graphs on a GPU (mode "reduce-overhead"): batch-1 decoding on a GPU is bound by kernel launches, which a
+  replayed graph removes. One graph per batch size and encoder length (rows that finish leave the batch: a few
+  sizes per call); the cache's tensors are marked static addresses. On the CPU it compiles with inductor (what the
+  CPU tests exercise; no speed is claimed there). Not chosen by "auto" until a GPU measurement says it pays
+  (`benchmarks/bench_gpu.py`; docs/performance.md): opt in with `strategies="static_cache,compiled_decode"` or
+  FIORE_STRATEGIES, which the CLI and the server read too.
+
 Half precision (`dtype=torch.bfloat16` or float16, any device): the model runs in that dtype with the plain modules,
 except the LM head, which computes the logits in float32 (`Float32Head`): bf16 logits flip greedy near-ties.
 
@@ -48,11 +60,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiore.model import kernels
+from fiore.model.cache import DecoderCache, StaticDecoderCache
 from fiore.model.davit import ChannelBlock, SpatialBlock, as_nchw, as_nhwc, merge_window_heads, windowed
+from fiore.model.florence import FlorenceModel
 from fiore.model.kernels import heads_view
 from fiore.model.text import DecoderLayer
 
 STRATEGIES = ("sliced_vision", "onednn_one_row", "onednn_rows", "onednn_narrow", "fused_decoder")
+DECODE_STRATEGIES = ("static_cache", "compiled_decode")
 LINEAR_STRATEGIES = {"onednn_one_row", "onednn_rows", "onednn_narrow", "fused_decoder"}
 QUANTIZATIONS = ("int8",)
 FEW_ROWS = 32  # at most this many rows is the memory-bound few-row regime (decoder steps: batch x beams)
@@ -370,22 +385,77 @@ def calibrate(model, refresh: bool = False) -> dict[str, bool]:
 
 
 def resolve(strategies: str | Iterable[str] | None, model) -> set[str]:
-    """ "auto" (calibrated), "all", "none", or names; None = $FIORE_STRATEGIES, else "auto"."""
+    """ "auto" (calibrated), "all" (every CPU strategy), "none", or names, comma-separated or a list; None =
+    $FIORE_STRATEGIES, else "auto". The CPU strategies apply to CPU float32 models only; "auto" and "all" give
+    others none."""
     if strategies is None:
         strategies = os.environ.get("FIORE_STRATEGIES", "auto")
+    cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
     if isinstance(strategies, str):
         if strategies == "auto":
-            return {name for name, use in calibrate(model).items() if use}
+            return {name for name, use in calibrate(model).items() if use} if cpu_float32 else set()
         if strategies == "all":
-            return set(STRATEGIES)
+            return set(STRATEGIES) if cpu_float32 else set()
         if strategies in ("none", ""):
             return set()
         strategies = [s.strip() for s in strategies.split(",") if s.strip()]
     chosen = set(strategies)
-    unknown = chosen - set(STRATEGIES)
+    known = (*STRATEGIES, *DECODE_STRATEGIES)
+    unknown = chosen - set(known)
     if unknown:
-        raise ValueError(f"unknown inference strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown inference strategies {sorted(unknown)}; known: {', '.join(known)}")
+    if not cpu_float32:
+        chosen -= set(STRATEGIES)
+    if "compiled_decode" in chosen:
+        chosen.add("static_cache")
     return chosen
+
+
+# ---------------------------------------------------------------------------------------------- decode strategies
+
+
+class StaticCacheModel(FlorenceModel):
+    """`FlorenceModel` whose decoding cache is a `StaticDecoderCache` (strategy `static_cache`), its length rounded
+    up to a power of two (at least 64): tasks' token limits differ, and each cache length is another graph to
+    compile and capture."""
+
+    @torch.no_grad()
+    def new_cache(self, encoder_hidden, encoder_mask, max_length) -> DecoderCache:
+        limit = self.config.text.max_position_embeddings
+        if 0 < max_length <= limit:
+            max_length = min(limit, max(64, 1 << (max_length - 1).bit_length()))
+        return StaticDecoderCache.like(super().new_cache(encoder_hidden, encoder_mask, max_length))
+
+
+class CompiledDecodeModel(StaticCacheModel):
+    """`StaticCacheModel` whose cached decoder step is compiled (strategy `compiled_decode`; `compile_decode`)."""
+
+    compiled_step: Callable
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None):
+        if cache is None:
+            return super().decode(decoder_input_ids, encoder_hidden, encoder_mask)
+        if decoder_input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
+        for tensor in cache.tensors():  # rows leaving the batch make new tensors: mark each as it comes
+            torch._dynamo.mark_static_address(tensor)
+        # A copy with strides of its own: the ids arrive as a column of the generation buffer, whose strides depend on
+        # the token limit, and a compiled graph is specialised on strides too.
+        ids = decoder_input_ids.clone(memory_format=torch.contiguous_format)
+        return self.compiled_step(ids, None, cache.attention_mask, cache)
+
+
+def compile_decode(model, backend: str | Callable = "inductor", mode: str | None = None) -> None:
+    """Swap in `CompiledDecodeModel` with the decoder compiled by `torch.compile(fullgraph=True)`: a graph break
+    would put Python back between the kernels, which is what compiling is for. `mode` defaults to "reduce-overhead"
+    (CUDA graphs) on a GPU and inductor's default elsewhere; tests pass a counting `backend`."""
+    if mode is None and backend == "inductor" and model.device.type == "cuda":
+        mode = "reduce-overhead"
+    model.__class__ = CompiledDecodeModel
+    # In the instance dict: a compiled module registered as a submodule would add its keys to the state dict.
+    model.__dict__["compiled_step"] = torch.compile(
+        model.language_model.decoder, backend=backend, mode=mode, fullgraph=True
+    )
 
 
 class Float32Head(nn.Linear):
@@ -432,8 +502,7 @@ def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, 
     quantization (or None). Prepare a model once its weights are loaded."""
     check_quantize(quantize, model.device, model.dtype)
     model.eval().requires_grad_(False)
-    applicable = model.device.type == "cpu" and model.dtype == torch.float32
-    chosen = resolve(strategies, model) if applicable else set()
+    chosen = resolve(strategies, model)
     if not kernels.ONEDNN:
         chosen -= {"onednn_one_row", "onednn_rows", "onednn_narrow"}
     model.quantized = quantize
@@ -460,5 +529,9 @@ def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, 
             use_onednn(layer, "onednn_one_row" in chosen, "onednn_rows" in chosen, narrow=False)
     if "onednn_rows" in chosen:  # blocked copies follow weights loaded later (fused linears are no submodules)
         model.register_load_state_dict_post_hook(_repack_decode_linears)
-    model.inference_strategies = tuple(s for s in STRATEGIES if s in chosen)
+    if "compiled_decode" in chosen:
+        compile_decode(model)
+    elif "static_cache" in chosen:
+        model.__class__ = StaticCacheModel
+    model.inference_strategies = tuple(s for s in (*STRATEGIES, *DECODE_STRATEGIES) if s in chosen)
     return model

@@ -43,14 +43,15 @@ class LearnedPositions(nn.Embedding):
         super().__init__(max_positions + self.OFFSET, dim)
         self.max_positions = max_positions
 
-    def forward(self, start: int, length: int) -> torch.Tensor:  # type: ignore[override]
-        """-> (length, d) embeddings of positions start .. start+length-1."""
-        if start + length > self.max_positions:
-            raise ValueError(
-                f"sequence of {start + length} tokens exceeds max_position_embeddings={self.max_positions}"
-            )
-        idx = torch.arange(start + self.OFFSET, start + length + self.OFFSET, device=self.weight.device)
-        return super().forward(idx)
+    def first(self, length: int) -> torch.Tensor:
+        """(length,) positions 0 .. length-1 of a whole sequence, checked against `max_positions`."""
+        if length > self.max_positions:
+            raise ValueError(f"sequence of {length} tokens exceeds max_position_embeddings={self.max_positions}")
+        return torch.arange(length, device=self.weight.device)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """(t,) positions -> (t, d) embeddings."""
+        return super().forward(positions + self.OFFSET)
 
 
 class Attention(nn.Module):
@@ -205,8 +206,11 @@ class _Stack(nn.Module):
         x = self.embed_tokens(input_ids)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def _start(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.embed_positions(start, x.shape[1]).to(x.dtype)
+    def _start(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the position embeddings (of `positions`, default 0 .. T-1) and the embedding layer norm."""
+        if positions is None:
+            positions = self.embed_positions.first(x.shape[1])
+        x = x + self.embed_positions(positions).to(x.dtype)
         return dropout(self.layernorm_embedding(x), self.dropout, self.training)
 
     def _checkpointing(self) -> bool:
@@ -219,7 +223,7 @@ class Encoder(_Stack):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, d) input embeddings (image tokens + prompt tokens), mask (B, T) bool -> (B, T, d)."""
-        x = self._start(x, 0)
+        x = self._start(x)
         mask4 = mask[:, None, None, :]
         for layer in self.layers:
             x = checkpoint(layer, x, mask4, use_reentrant=False) if self._checkpointing() else layer(x, mask4)
@@ -248,8 +252,7 @@ class Decoder(_Stack):
         cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """`forward` from token embeddings (B, t, d) (what `embed` returns): the ONNX export feeds embeddings."""
-        start = 0 if cache is None else cache.length
-        x = self._start(embeddings, start)
+        x = self._start(embeddings, None if cache is None else cache.positions(embeddings.shape[1]))
         mask4 = None if encoder_mask is None else encoder_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
             if cache is None and self._checkpointing():
@@ -257,7 +260,7 @@ class Decoder(_Stack):
             else:
                 x = layer(x, encoder_hidden, mask4, cache, i)
         if cache is not None:
-            cache.length += embeddings.shape[1]
+            cache.advance(embeddings.shape[1])
         return x
 
 
