@@ -4,6 +4,7 @@ head, classifying the synthetic world's background kind (solid / gradient / nois
     python benchmarks/vision_learnability.py                         # fiore's init, the documented recipe
     python benchmarks/vision_learnability.py --init bart --lr 1e-3   # the first default model's init and lr
     python benchmarks/vision_learnability.py --target shapes         # objects: which of the 8 shapes are present
+    python benchmarks/vision_learnability.py --target shapes --init cnn   # the control: a small plain CNN
 
 Prints held-out accuracy (500 images of seed 3000), the loss and the vision tower's gradient norm every
 `--log` steps. `--target shapes`: a multi-label head (binary cross-entropy) says which of the 8 shapes the scene
@@ -86,10 +87,22 @@ class BackgroundProbe(nn.Module):
         self.tower, self.projector, self.readout = model.vision_tower, model.projector, readout
         tokens = 1 if readout == "pooled" else (size // 32) ** 2
         self.head = nn.Linear(tokens * model.config.vision.projection_dim, outputs)
+        if init == "cnn":  # the control: three conv + BatchNorm + ReLU stages, average-pooled (no DaViT)
+            self.projector = nn.Identity()
+            self.tower = nn.Sequential(
+                *_conv_stage(3, 32), nn.MaxPool2d(2), *_conv_stage(32, 64), nn.MaxPool2d(2), *_conv_stage(64, 128)
+            )
+            self.head = nn.Linear(128, outputs)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.projector, nn.Identity):
+            return self.head(self.tower(pixels).mean((2, 3)))
         x = self.projector(self.tower(pixels))
         return self.head(x[:, 0] if self.readout == "pooled" else x[:, 1:].flatten(1))
+
+
+def _conv_stage(channels_in: int, channels_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.BatchNorm2d(channels_out), nn.ReLU()]
 
 
 def run(
@@ -147,7 +160,7 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--init", choices=["fiore", "bart", "fc1", "zero-bias"], default="fiore")
+    ap.add_argument("--init", choices=["fiore", "bart", "fc1", "zero-bias", "cnn"], default="fiore")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
