@@ -122,6 +122,8 @@ def test_decode_strategies_are_named_not_automatic_and_keep_the_state_dict():
     assert inf.resolve("auto", half) == set()
     with pytest.raises(ValueError, match="unknown inference strategies.*compiled_decode"):
         inf.resolve("compile", model)
+    with pytest.raises(ValueError, match="compiled_decode does not compile a quantize='int8' model"):
+        inf.prepare_for_inference(FlorenceModel(preset("tiny")), "compiled_decode", quantize="int8")
     plain = crisp_model("none")
     static = crisp_model("static_cache,fused_decoder")
     assert static.inference_strategies == ("fused_decoder", "static_cache")

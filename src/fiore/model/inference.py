@@ -503,6 +503,9 @@ def prepare_for_inference(model, strategies: str | Iterable[str] | None = None, 
     check_quantize(quantize, model.device, model.dtype)
     model.eval().requires_grad_(False)
     chosen = resolve(strategies, model)
+    if quantize and "compiled_decode" in chosen:
+        # torch.compile cannot trace PyTorch's int8 linears (their packed weights are TorchScript objects).
+        raise ValueError(f"compiled_decode does not compile a quantize={quantize!r} model; leave one of them out")
     if not kernels.ONEDNN:
         chosen -= {"onednn_one_row", "onednn_rows", "onednn_narrow"}
     model.quantized = quantize
