@@ -120,6 +120,7 @@ def test_json_body_and_all(server):
         (dict(data={"task": "od"}, image=bomb_png(30000, 30000)), 413, "too large"),  # past PIL's own limit
         (dict(data={"task": "od"}, image=png(1, 1)), 400, "each side must be at least"),
         (dict(data={"task": "od"}, image=b"\0" * 200_001), 413, "limit of 200000 bytes"),
+        (dict(data={"task": "od", "coords": "exact"}), 400, '"coords" must be one of bin, expected'),
     ],
 )
 def test_limits_and_bad_input(server, kwargs, status, words):
@@ -324,6 +325,40 @@ def test_a_batch_mixing_tasks_texts_and_regions_answers_each_request_its_own_que
         [(task, text, tuple(float(v) for v in region.split(",")) if region else None)]
         for task, text, region in MIXED[1:]
     )
+
+
+def test_sub_bin_coords_per_request_each_decoding_in_its_own_pass():
+    """coords="expected" (multipart or JSON) reaches the predictor as its option; a batch mixing decodings runs one
+    predictor pass per decoding, each request answered its own question."""
+    gate = threading.Event()
+    fake = FakeFlorence(gate=gate)
+    config = ServeConfig(max_batch=16, max_wait_ms=0, max_queue=64)
+    images = [png(40 + 3 * i, 36 + 2 * i, (20 * i, 200 - 20 * i, 90)) for i in range(5)]
+    coords = [None, "expected", "bin", "expected", None]  # None: the field left out (bin)
+    with running_server(create_app(fake, config)) as url, httpx.Client(timeout=60) as client:
+
+        def post(i):
+            if i == 3:  # JSON
+                body = {"image": base64.b64encode(images[i]).decode(), "tasks": ["od"], "coords": coords[i]}
+                return client.post(f"{url}/v1/predict", json=body)
+            data = {"task": "od", **({"coords": coords[i]} if coords[i] else {})}
+            return client.post(f"{url}/v1/predict", files={"image": ("x.png", images[i], "image/png")}, data=data)
+
+        with ThreadPoolExecutor(len(images)) as pool:
+            first = pool.submit(post, 0)  # holds the engine until the gate opens; the rest queue behind it
+            _wait_until(lambda: fake.calls)
+            rest = [pool.submit(post, i) for i in range(1, len(images))]
+            _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == len(images) - 1)
+            gate.set()
+            responses = [first.result(), *(f.result() for f in rest)]
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        assert r.json() == {"od": expected(images[i], "od")}
+    # the first request alone, then the four queued ones (in arrival order): the bin pair and the expected pair, one
+    # pass each
+    assert fake.options[0] == {} and sorted(fake.options[1:], key=len) == [{}, {"coords": "expected"}]
+    assert [n for _, n in fake.calls] == [1, 2, 2]
+    assert sorted(r.headers["X-Fiore-Batch-Size"] for r in responses[1:]) == ["2", "2", "2", "2"]
 
 
 def test_one_failing_group_in_a_shared_batch_fails_alone():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -76,3 +77,20 @@ def test_real_engine_tasks_with_inputs(florence):
                                                             **short),
         }  # fmt: skip
         assert same_json(r.json(), {k: v.to_json() for k, v in direct.items()}), r.json()
+
+
+def test_real_engine_sub_bin_coords_answer_as_the_library():
+    """The shipped model (its location distributions are spread, so expected coordinates move off the bin centres)
+    on the example scene: each decoding over HTTP equals the library's."""
+    shipped = fiore.load(None)
+    scene = Path(__file__).resolve().parents[1] / "examples" / "scene.png"
+    with running_server(create_app(shipped, ServeConfig())) as url:
+        answers = {}
+        for coords in ("bin", "expected"):
+            files = {"image": ("scene.png", scene.read_bytes(), "image/png")}
+            r = httpx.post(f"{url}/v1/predict", files=files, data={"task": "od", "coords": coords}, timeout=120)
+            assert r.status_code == 200, r.text
+            direct = shipped.predict(Image.open(scene), "od", coords=coords)
+            assert same_json(r.json(), {"od": direct.to_json()}), (coords, r.json())
+            answers[coords] = r.json()["od"]["boxes"]
+    assert answers["bin"] and answers["expected"] != answers["bin"]

@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from fiore.limits import DEFAULT_MAX_PIXELS
+from fiore.predictor import COORDS
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -61,6 +62,7 @@ class Job:
     image: object  # PIL RGB
     requests: list  # fiore.request.Request
     future: asyncio.Future
+    coords: str = "bin"  # fiore.predictor.COORDS: "expected" = sub-bin coordinates
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -90,10 +92,12 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, image, requests, client_gone: Awaitable | None = None) -> tuple[dict, list[int]]:
+    async def submit(
+        self, image, requests, client_gone: Awaitable | None = None, coords: str = "bin"
+    ) -> tuple[dict, list[int]]:
         """Queue one request and wait for its answer. `client_gone` completes when the client disconnects: a request
         still queued is then dropped before it reaches the engine (a finished answer is discarded)."""
-        job = Job(image, requests, asyncio.get_running_loop().create_future())
+        job = Job(image, requests, asyncio.get_running_loop().create_future(), coords)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -164,15 +168,19 @@ class Batcher:
         return outcomes
 
     def _answer(self, batch: list[Job]) -> list[dict]:
-        predictor = self.florence.predictor()
-        predictor.set_images([job.image for job in batch])
-        answers = predictor.predict([job.requests for job in batch])
-        self.batch_sizes[len(batch)] += 1
-        outcomes = []
-        for job, results in zip(batch, answers, strict=True):
-            job.batch_sizes.append(len(batch))
-            outcomes.append({r.task.name: result_json(result) for r, result in zip(job.requests, results, strict=True)})
-        return outcomes
+        """One predictor pass per coordinate decoding asked in the batch (almost always one), answers in order."""
+        outcomes: dict[int, dict] = {}
+        for coords in dict.fromkeys(job.coords for job in batch):
+            group = [i for i, job in enumerate(batch) if job.coords == coords]
+            predictor = self.florence.predictor() if coords == "bin" else self.florence.predictor(coords=coords)
+            predictor.set_images([batch[i].image for i in group])
+            answers = predictor.predict([batch[i].requests for i in group])
+            self.batch_sizes[len(group)] += 1
+            for i, results in zip(group, answers, strict=True):
+                batch[i].batch_sizes.append(len(group))
+                pairs = zip(batch[i].requests, results, strict=True)
+                outcomes[i] = {request.task.name: result_json(result) for request, result in pairs}
+        return [outcomes[i] for i in range(len(batch))]
 
 
 async def client_gone(request: Request) -> None:
@@ -274,7 +282,8 @@ def _boundary(content_type: str) -> bytes | None:
 
 
 async def parse_predict(request: Request, config: ServeConfig):
-    """(image, task names, text, region) from a multipart form or a JSON body."""
+    """(image, task names, text, region, coords) from a multipart form or a JSON body. `coords`: "bin" (each
+    coordinate at its bin's centre, the default) or "expected" (sub-bin, `fiore.predictor.Predictor`'s option)."""
     body = await read_body(request, config.max_upload_bytes)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -289,7 +298,7 @@ async def parse_predict(request: Request, config: ServeConfig):
             form = await Request(request.scope, replay).form(max_part_size=config.max_upload_bytes)
         except Exception as e:
             raise HTTPError(400, f"malformed multipart form: {e}") from None
-        for field_name in ("image", "text", "region"):
+        for field_name in ("image", "text", "region", "coords"):
             if len(form.getlist(field_name)) > 1:
                 raise HTTPError(400, f'{len(form.getlist(field_name))} "{field_name}" fields; a request takes one')
         upload = form.get("image")
@@ -299,6 +308,7 @@ async def parse_predict(request: Request, config: ServeConfig):
         names = [n.strip() for v in form.getlist("task") + form.getlist("tasks") for n in str(v).split(",")]
         text = form.get("text")
         region = form.get("region")
+        coords = form.get("coords", "bin")
     elif ctype.startswith("application/json"):
         try:
             payload = json.loads(body)
@@ -313,11 +323,13 @@ async def parse_predict(request: Request, config: ServeConfig):
         names = [names] if isinstance(names, str) else names
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise HTTPError(400, '"tasks" must be a list of task names')
-        text, region = payload.get("text"), payload.get("region")
+        text, region, coords = payload.get("text"), payload.get("region"), payload.get("coords", "bin")
     else:
         raise HTTPError(415, "send multipart/form-data (field image + task) or application/json")
+    if coords not in COORDS:
+        raise HTTPError(400, f'"coords" must be one of {", ".join(COORDS)}; got {coords!r}')
     image = decode_image(data, config.max_pixels)
-    return image, [n for n in names if n], text, region
+    return image, [n for n in names if n], text, region, coords
 
 
 # ---------------------------------------------------------------------------------------------- app
@@ -396,6 +408,7 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
                                 "task": {"type": "array", "items": {"type": "string"}},
                                 "text": {"type": "string"},
                                 "region": {"type": "string", "description": "x1,y1,x2,y2 in pixels"},
+                                "coords": {"type": "string", "enum": ["bin", "expected"], "default": "bin"},
                             },
                         }
                     },
@@ -408,6 +421,7 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
                                 "tasks": {"type": "array", "items": {"type": "string"}},
                                 "text": {"type": "string"},
                                 "region": {"type": "array", "items": {"type": "number"}, "minItems": 4},
+                                "coords": {"type": "string", "enum": ["bin", "expected"], "default": "bin"},
                             },
                         }
                     },
@@ -420,9 +434,9 @@ def create_app(florence, config: ServeConfig | None = None) -> FastAPI:
         """Run one or more tasks on one image; the answer is a JSON object keyed by task name."""
         authorize(request)
         start = time.perf_counter()
-        image, names, text, region = await parse_predict(request, config)
+        image, names, text, region, coords = await parse_predict(request, config)
         requests = validate(image, names, text, region, config)
-        answer, sizes = await batcher.submit(image, requests, client_gone(request))
+        answer, sizes = await batcher.submit(image, requests, client_gone(request), coords)
         headers = {
             "X-Fiore-Batch-Size": str(max(sizes, default=0)),
             "X-Fiore-Time-Ms": f"{(time.perf_counter() - start) * 1000:.1f}",
