@@ -280,6 +280,18 @@ def _wait_until(condition, timeout: float = 30.0) -> None:
     raise AssertionError("condition not reached")
 
 
+def _first_then_the_rest_queued(post, n: int, fake, gate, client, url) -> list:
+    """post(0) holds the engine (its `gate` closed) while post(1..n-1) queue behind it; then the gate opens and the
+    queued requests form one worker pass. Returns the n responses in request order."""
+    with ThreadPoolExecutor(n) as pool:
+        first = pool.submit(post, 0)
+        _wait_until(lambda: fake.calls)
+        rest = [pool.submit(post, i) for i in range(1, n)]
+        _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == n - 1)
+        gate.set()
+        return [first.result(), *(f.result() for f in rest)]
+
+
 MIXED = [  # (task, text, region): every kind of input, some requests asking the same
     ("od", None, None),
     ("caption", None, None),
@@ -304,13 +316,7 @@ def test_a_batch_mixing_tasks_texts_and_regions_answers_each_request_its_own_que
             data = {"task": task, **({"text": text} if text else {}), **({"region": region} if region else {})}
             return client.post(f"{url}/v1/predict", files={"image": ("x.png", images[i], "image/png")}, data=data)
 
-        with ThreadPoolExecutor(len(MIXED) + 1) as pool:
-            first = pool.submit(post, 0)  # holds the engine until the gate opens; the rest queue behind it
-            _wait_until(lambda: fake.calls)
-            rest = [pool.submit(post, i) for i in range(1, len(MIXED))]
-            _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == len(MIXED) - 1)
-            gate.set()
-            responses = [first.result(), *(f.result() for f in rest)]
+        responses = _first_then_the_rest_queued(post, len(MIXED), fake, gate, client, url)
         stats = client.get(f"{url}/v1/stats").json()
     for i, r in enumerate(responses):
         task, text, region = MIXED[i]
@@ -344,13 +350,7 @@ def test_sub_bin_coords_per_request_each_decoding_in_its_own_pass():
             data = {"task": "od", **({"coords": coords[i]} if coords[i] else {})}
             return client.post(f"{url}/v1/predict", files={"image": ("x.png", images[i], "image/png")}, data=data)
 
-        with ThreadPoolExecutor(len(images)) as pool:
-            first = pool.submit(post, 0)  # holds the engine until the gate opens; the rest queue behind it
-            _wait_until(lambda: fake.calls)
-            rest = [pool.submit(post, i) for i in range(1, len(images))]
-            _wait_until(lambda: client.get(f"{url}/health").json()["queued"] == len(images) - 1)
-            gate.set()
-            responses = [first.result(), *(f.result() for f in rest)]
+        responses = _first_then_the_rest_queued(post, len(images), fake, gate, client, url)
     for i, r in enumerate(responses):
         assert r.status_code == 200, r.text
         assert r.json() == {"od": expected(images[i], "od")}
