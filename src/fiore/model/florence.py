@@ -194,6 +194,10 @@ class FlorenceModel(nn.Module):
             return self.language_model.decoder(decoder_input_ids, encoder_hidden, encoder_mask)
         if decoder_input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
+        return self.cached_step(decoder_input_ids, cache)
+
+    def cached_step(self, decoder_input_ids: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """The decoder over `cache` (the step `fiore.model.inference`'s compiled_decode strategy replaces)."""
         return self.language_model.decoder(decoder_input_ids, None, cache.attention_mask, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

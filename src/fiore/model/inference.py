@@ -432,11 +432,7 @@ class CompiledDecodeModel(StaticCacheModel):
 
     compiled_step: Callable
 
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_mask, cache=None):
-        if cache is None:
-            return super().decode(decoder_input_ids, encoder_hidden, encoder_mask)
-        if decoder_input_ids.shape[0] != cache.batch_size:
-            raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, cache {cache.batch_size}")
+    def cached_step(self, decoder_input_ids, cache):
         for tensor in cache.tensors():  # rows leaving the batch make new tensors: mark each as it comes
             torch._dynamo.mark_static_address(tensor)
         # A copy with strides of its own: the ids arrive as a column of the generation buffer, whose strides depend on
